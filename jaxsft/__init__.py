@@ -1,0 +1,35 @@
+"""jaxsft: supervised fine-tuning of pretrained ResNets in pure JAX.
+
+The public names resolve lazily, so `import jaxsft` costs nothing until a name is used,
+and TensorFlow is imported only by the data module, only when data is read.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "create_model": "jaxsft.models",
+    "list_models": "jaxsft.models",
+    "load_weights": "jaxsft.weights",
+    "WeightsError": "jaxsft.weights",
+    "TrainState": "jaxsft.state",
+    "train_step": "jaxsft.steps",
+    "eval_step": "jaxsft.steps",
+    "fit": "jaxsft.trainer",
+    "evaluate": "jaxsft.trainer",
+    "Config": "jaxsft.config",
+    "ConfigError": "jaxsft.config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxsft' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

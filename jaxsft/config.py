@@ -1,0 +1,327 @@
+"""Every setting of a run, as frozen dataclasses; parsing from CLI flags; validation; JSON.
+
+No JAX import here: the CLI validates a command line before anything compiles.
+Each field's metadata holds its help text, so `--help` and the dataclasses never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import runpy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A setting the user gave is invalid; the message names the fix."""
+
+
+def _field(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    meta = {"help": help, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default=tuple(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+SCHEDULES = ("constant", "step", "multistep", "cosine", "linear")
+OPTIMIZERS = ("sgd", "adamw", "adam", "lars")
+RECIPES = ("full", "linear-probe")
+BN_MODES = ("train", "frozen")
+AUGMENTS = ("imagenet", "light", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model: str = _field("resnet18", "architecture name (see jaxsft.models.list_models())")
+    weights: str | None = _field(
+        None,
+        "pretrained weights: a .pth/.safetensors file, an https:// or file:// URL, "
+        "torchvision:<arch>.<ENUM>, or a directory written by jaxsft.convert; "
+        "none = random initialisation",
+    )
+    num_classes: int | None = _field(None, "classes of the new head (default: from the data set)")
+    dtype: str = _field("float32", "compute dtype; parameters stay float32", DTYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _field(
+        "digits",
+        "TFDS name (tf_flowers, cifar10, ...), 'folder:/path/to/images', or the built-in 'digits'",
+    )
+    data_dir: str | None = _field(None, "TFDS data directory (default: TFDS's own)")
+    train_split: str = _field("train", "training split, TFDS syntax such as train[:90%%]")
+    eval_split: str | None = _field(
+        None, "evaluation split (default: validation, else test, else none)"
+    )
+    image_size: int = _field(224, "side of the square crops fed to the model")
+    crop_ratio: float = _field(0.875, "eval: resize the shorter side to size/ratio, centre crop")
+    augment: str = _field(
+        "imagenet",
+        "train augmentation: imagenet = RandomResizedCrop+flip, light = pad-and-crop+flip",
+        AUGMENTS,
+    )
+    batch_size: int = _field(64, "global batch size, split over all devices")
+    eval_batch_size: int | None = _field(None, "global eval batch size (default: --batch-size)")
+    image_key: str | None = _field(None, "image feature name (default: found from the data set)")
+    label_key: str | None = _field(None, "label feature name (default: found from the data set)")
+    cache: bool = _field(False, "cache decoded examples in memory (small data sets)")
+    shuffle_buffer: int = _field(10_000, "examples in the shuffle buffer")
+    val_fraction: float = _field(
+        0.1, "folder data sets without a val split: seeded fraction held out for evaluation"
+    )
+    strict_images: bool = _field(False, "fail on a corrupt image instead of skipping it")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = _field("sgd", "optimizer; sgd has torch.optim.SGD semantics", OPTIMIZERS)
+    lr: float = _field(0.01, "base learning rate (the backbone's)")
+    lr_scaling: str = _field(
+        "none", "linear = lr x batch/256 (Goyal et al.)", ("none", "linear")
+    )
+    momentum: float = _field(0.9, "SGD momentum (beta1 for Adam)")
+    nesterov: bool = _field(False, "Nesterov momentum")
+    weight_decay: float = _field(0.0, "weight decay (coupled for sgd, decoupled for adamw)")
+    decay_bn_and_bias: bool = _field(
+        True, "apply weight decay to BatchNorm scales and biases too (torch's default)"
+    )
+    schedule: str = _field("constant", "learning-rate schedule after warmup", SCHEDULES)
+    warmup_epochs: float = _field(0.0, "linear warmup from 0, in epochs")
+    milestones: tuple[float, ...] = _field(
+        (), "step/multistep: epochs at which the rate is multiplied by --gamma"
+    )
+    gamma: float = _field(0.1, "step/multistep decay factor")
+    step_epochs: float = _field(30.0, "step schedule: decay every this many epochs")
+    clip_grad_norm: float | None = _field(None, "clip gradients to this global norm")
+    recipe: str = _field(
+        "full", "full fine-tuning, or linear-probe (only the head trains)", RECIPES
+    )
+    head_lr_mult: float = _field(1.0, "learning-rate multiplier of the new head")
+    layer_decay: float = _field(
+        1.0, "layer-wise rate decay: stage k from the top trains at lr x decay^k"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    workdir: str = _field("runs/default", "where config, checkpoints, metrics and plots go")
+    epochs: float | None = _field(None, "training length in epochs (or give --steps)")
+    steps: int | None = _field(None, "training length in steps (overrides --epochs)")
+    label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy")
+    bn: str = _field(
+        "train", "BatchNorm: train = batch statistics (torch's model.train()), frozen = running",
+        BN_MODES,
+    )
+    accum_steps: int = _field(1, "gradient accumulation: micro-batches per step")
+    seed: int = _field(0, "seed of initialisation, shuffling and augmentation")
+    eval_every: int | None = _field(None, "evaluate every N steps (default: each epoch)")
+    checkpoint_every: int | None = _field(None, "checkpoint every N steps (default: each epoch)")
+    keep: int = _field(3, "latest checkpoints to keep (the best is kept too)")
+    log_every: int = _field(10, "write train metrics every N steps")
+    resume: str | None = _field(None, "checkpoint to start from when the workdir has none")
+    overwrite: bool = _field(False, "reuse a workdir that belongs to a different config")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def replace(self, **flat: Any) -> Config:
+        """A copy with flat field names changed, e.g. `cfg.replace(lr=0.1, steps=10)`."""
+        return _from_flat({**to_flat(self), **flat})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+_SECTION_CLASSES = {
+    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig
+}
+
+
+def _flat_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    out = {}
+    for section, cls in _SECTION_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in out, f"duplicate config field {f.name}"
+            out[f.name] = (section, f)
+    return out
+
+
+FLAT_FIELDS = _flat_fields()
+
+
+def to_flat(cfg: Config) -> dict[str, Any]:
+    return {name: getattr(getattr(cfg, sec), name) for name, (sec, _) in FLAT_FIELDS.items()}
+
+
+def _from_flat(flat: dict[str, Any]) -> Config:
+    unknown = sorted(set(flat) - set(FLAT_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown}; known: {sorted(FLAT_FIELDS)}")
+    kwargs: dict[str, dict[str, Any]] = {s: {} for s in _SECTION_CLASSES}
+    for name, value in flat.items():
+        section, f = FLAT_FIELDS[name]
+        kwargs[section][name] = _coerce(name, value, _field_type(section, name))
+    cfg = Config(**{s: cls(**kwargs[s]) for s, cls in _SECTION_CLASSES.items()})
+    validate(cfg)
+    return cfg
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Nested ({"model": {...}}) or flat ({"lr": 0.1}) dictionaries, as in JSON files."""
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        if key in _SECTION_CLASSES and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return _from_flat(flat)
+
+
+def _field_type(section: str, name: str) -> Any:
+    return get_type_hints(_SECTION_CLASSES[section])[name]
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    """Converts JSON values (lists, ints for floats) into the field's type."""
+    if value is None:
+        return None
+    args = [a for a in get_args(typ) if a is not type(None)]
+    base = args[0] if get_origin(typ) is not None and get_origin(typ) is not tuple else typ
+    if get_origin(typ) is tuple or get_origin(base) is tuple:
+        return tuple(float(v) for v in value)
+    try:
+        if base is bool and not isinstance(value, bool):
+            raise TypeError
+        return base(value) if base in (int, float, str, bool) else value
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field {name!r} expects {base.__name__}, got {value!r}") from None
+
+
+def validate(cfg: Config) -> None:
+    """Refuses invalid settings and combinations with one line naming the fix."""
+    m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
+    for name, value, choices in [
+        ("dtype", m.dtype, DTYPES), ("schedule", o.schedule, SCHEDULES),
+        ("optimizer", o.optimizer, OPTIMIZERS), ("recipe", o.recipe, RECIPES),
+        ("bn", r.bn, BN_MODES), ("augment", d.augment, AUGMENTS),
+        ("lr-scaling", o.lr_scaling, ("none", "linear")),
+    ]:
+        if value not in choices:
+            raise ConfigError(f"--{name} {value!r} is not one of {', '.join(choices)}")
+    positive = [("batch-size", d.batch_size), ("image-size", d.image_size),
+                ("accum-steps", r.accum_steps), ("keep", r.keep), ("log-every", r.log_every)]
+    for name, value in positive + [
+        ("eval-batch-size", d.eval_batch_size), ("num-classes", m.num_classes),
+        ("steps", r.steps), ("eval-every", r.eval_every),
+        ("checkpoint-every", r.checkpoint_every),
+    ]:
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name} must be positive, got {value}")
+    if r.epochs is not None and r.epochs <= 0:
+        raise ConfigError(f"--epochs must be positive, got {r.epochs}")
+    if o.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {o.lr}")
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"--momentum must be in [0, 1), got {o.momentum}")
+    if o.nesterov and o.momentum == 0:
+        raise ConfigError("--nesterov needs a positive --momentum")
+    if o.nesterov and o.optimizer != "sgd":
+        raise ConfigError("--nesterov applies to --optimizer sgd only")
+    if o.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {o.weight_decay}")
+    if not 0 <= r.label_smoothing < 1:
+        raise ConfigError(f"--label-smoothing must be in [0, 1), got {r.label_smoothing}")
+    if not 0 < d.crop_ratio <= 1:
+        raise ConfigError(f"--crop-ratio must be in (0, 1], got {d.crop_ratio}")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in (0, 1), got {d.val_fraction}")
+    if d.batch_size % r.accum_steps:
+        raise ConfigError(
+            f"--batch-size {d.batch_size} is not divisible by --accum-steps {r.accum_steps}"
+        )
+    if o.clip_grad_norm is not None and o.clip_grad_norm <= 0:
+        raise ConfigError(f"--clip-grad-norm must be positive, got {o.clip_grad_norm}")
+    if not 0 < o.layer_decay <= 1:
+        raise ConfigError(f"--layer-decay must be in (0, 1], got {o.layer_decay}")
+    if o.head_lr_mult <= 0:
+        raise ConfigError(f"--head-lr-mult must be positive, got {o.head_lr_mult}")
+    if o.schedule == "multistep" and not o.milestones:
+        raise ConfigError("--schedule multistep needs --milestones, e.g. --milestones 30 60")
+    if o.recipe == "linear-probe" and m.weights is None:
+        raise ConfigError("--recipe linear-probe needs --weights: a random backbone stays random")
+    if r.bn == "frozen" and m.weights is None and r.resume is None:
+        raise ConfigError("--bn frozen needs --weights: random running statistics stay random")
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, its default and help taken from the dataclasses."""
+    parser.add_argument("--config", help="JSON file or Python file with get_config()")
+    for section, cls in _SECTION_CLASSES.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            typ = _field_type(section, f.name)
+            args = [a for a in get_args(typ) if a is not type(None)]
+            base = args[0] if args and get_origin(typ) is not tuple else typ
+            help_text = f"{f.metadata['help']} (default: {f.default})"
+            kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+            if base is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            elif get_origin(typ) is tuple:
+                kw.update(nargs="*", type=float)
+            else:
+                kw["type"] = base
+                if f.metadata["choices"]:
+                    kw["choices"] = f.metadata["choices"]
+            group.add_argument(_flag(f.name), **kw)
+
+
+def load_file(path: str) -> Config:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    if p.suffix == ".py":
+        module = runpy.run_path(str(p))
+        if "get_config" not in module:
+            raise ConfigError(f"--config {path}: a Python config must define get_config()")
+        got = module["get_config"]()
+        return got if isinstance(got, Config) else from_dict(dict(got))
+    try:
+        return from_dict(json.loads(p.read_text()))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    """Config file first (if any), then explicit flags on top."""
+    flat = dict(vars(args))
+    path = flat.pop("config", None)
+    base = load_file(path) if path else Config()
+    overrides = {k: v for k, v in flat.items() if k in FLAT_FIELDS}
+    if "milestones" in overrides:
+        overrides["milestones"] = tuple(overrides["milestones"])
+    return base.replace(**overrides)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_json() + "\n")
+
+
+def load(path: str | Path) -> Config:
+    return from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,186 @@
+"""torchvision-exact ResNets in Flax linen (NHWC).
+
+Module names follow torchvision's state-dict keys (`layer1.0.conv1` is `layer1_0/conv1`), so
+weight conversion is a renaming plus transposes. Padding is explicit and symmetric where
+torchvision's is: Flax's 'SAME' pads asymmetrically for stride 2 and would shift every map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+# torch's BatchNorm momentum 0.1 is Flax's 0.9: running = 0.9 * running + 0.1 * batch.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+# torchvision's init: kaiming_normal_(mode="fan_out", nonlinearity="relu"); "normal" is
+# untruncated in jax.nn.initializers (its truncated one is "truncated_normal").
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+dense_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def param_dtype_for(dtype: Any) -> Any:
+    """Parameters stay float32 under reduced-precision compute; float64 compute keeps float64."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def _dense_bias_init(fan_in: int):
+    def init(key, shape, dtype=jnp.float32):
+        bound = 1.0 / jnp.sqrt(fan_in)
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm2d semantics in Flax.
+
+    Differs from `flax.linen.BatchNorm` in one place that matters for parity: the running
+    variance is updated with the unbiased batch variance (n / (n - 1)), as torch does, while
+    the batch is normalised with the biased one. With `axis_name`, the statistics are those of
+    the global batch across devices (two-pass: mean, then mean squared deviation).
+    """
+
+    use_running_average: bool
+    axis_name: str | None = None
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        shape = (features,)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, shape, self.param_dtype)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, shape, self.param_dtype)
+        scale = self.param("scale", nn.initializers.ones, shape, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
+
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+            xs = x.astype(stats_dtype)
+            axes = tuple(range(x.ndim - 1))
+            mean = self._global_mean(xs.mean(axes))
+            var = self._global_mean(jnp.square(xs - mean).mean(axes))
+            n = x.size // features
+            if self.axis_name is not None:
+                n *= jax.lax.psum(1, self.axis_name)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean.astype(self.param_dtype)
+                unbiased = var * (n / max(n - 1, 1))
+                ra_var.value = m * ra_var.value + (1 - m) * unbiased.astype(self.param_dtype)
+
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale
+        y = (x.astype(inv.dtype) - mean) * inv + bias
+        return y.astype(self.dtype)
+
+    def _global_mean(self, v: jax.Array) -> jax.Array:
+        return v if self.axis_name is None else jax.lax.pmean(v, self.axis_name)
+
+
+class BasicBlock(nn.Module):
+    planes: int
+    stride: int = 1
+    groups: int = 1
+    base_width: int = 64
+    dtype: Any = jnp.float32
+    train: bool = False
+    axis_name: str | None = None
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        conv, norm = _layers(self.dtype, self.train, self.axis_name)
+        out = nn.relu(norm(name="bn1")(conv(self.planes, 3, self.stride, name="conv1")(x)))
+        out = norm(name="bn2")(conv(self.planes, 3, 1, name="conv2")(out))
+        return nn.relu(out + _shortcut(self, x, conv, norm))
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5: the stride sits on the 3x3 convolution, as in torchvision."""
+
+    planes: int
+    stride: int = 1
+    groups: int = 1
+    base_width: int = 64
+    dtype: Any = jnp.float32
+    train: bool = False
+    axis_name: str | None = None
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        conv, norm = _layers(self.dtype, self.train, self.axis_name)
+        width = int(self.planes * (self.base_width / 64.0)) * self.groups
+        out = nn.relu(norm(name="bn1")(conv(width, 1, 1, name="conv1")(x)))
+        out = conv(width, 3, self.stride, groups=self.groups, name="conv2")(out)
+        out = nn.relu(norm(name="bn2")(out))
+        out = norm(name="bn3")(conv(self.planes * 4, 1, 1, name="conv3")(out))
+        return nn.relu(out + _shortcut(self, x, conv, norm))
+
+
+def _layers(dtype: Any, train: bool, axis_name: str | None):
+    """Conv and BatchNorm factories with torchvision's padding, init and BN constants."""
+    pdtype = param_dtype_for(dtype)
+
+    def conv(features: int, k: int, stride: int, groups: int = 1, name: str | None = None):
+        pad = k // 2  # torchvision: 7x7 pad 3, 3x3 pad 1, 1x1 pad 0, all symmetric
+        return nn.Conv(features, (k, k), (stride, stride), padding=((pad, pad), (pad, pad)),
+                       feature_group_count=groups, use_bias=False, dtype=dtype,
+                       param_dtype=pdtype, kernel_init=conv_init, name=name)
+
+    def norm(name: str | None = None):
+        return BatchNorm(use_running_average=not train, axis_name=axis_name, dtype=dtype,
+                         param_dtype=pdtype, name=name)
+
+    return conv, norm
+
+
+def _shortcut(block: nn.Module, x: jax.Array, conv, norm) -> jax.Array:
+    out_features = block.planes * block.expansion
+    if block.stride == 1 and x.shape[-1] == out_features:
+        return x
+    return norm(name="downsample_1")(conv(out_features, 1, block.stride, name="downsample_0")(x))
+
+
+class ResNet(nn.Module):
+    """ResNet, Wide ResNet and ResNeXt as torchvision builds them.
+
+    `__call__(x, train, axis_name)`: x is NHWC; `train=True` uses batch statistics and needs
+    `mutable=["batch_stats"]`; `axis_name` synchronises those statistics across devices.
+    """
+
+    block: type[nn.Module]
+    layers: Sequence[int]
+    num_classes: int = 1000
+    groups: int = 1
+    width_per_group: int = 64
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False,
+                 axis_name: str | None = None) -> jax.Array:
+        conv, norm = _layers(self.dtype, train, axis_name)
+        x = x.astype(self.dtype)
+        x = nn.relu(norm(name="bn1")(conv(64, 7, 2, name="conv1")(x)))
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), self.layers), 1):
+            for i in range(blocks):
+                stride = 2 if stage > 1 and i == 0 else 1
+                x = self.block(planes, stride, self.groups, self.width_per_group, self.dtype,
+                               train, axis_name, name=f"layer{stage}_{i}")(x)
+        x = x.mean(axis=(1, 2))
+        fan_in = x.shape[-1]
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=param_dtype_for(self.dtype),
+                     kernel_init=dense_init, bias_init=_dense_bias_init(fan_in), name="fc")(x)
+        return x.astype(jnp.promote_types(x.dtype, jnp.float32))

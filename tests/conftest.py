@@ -1,0 +1,19 @@
+"""Test-wide set-up: 4 virtual CPU devices (before JAX starts), x64 on demand, no network."""
+
+import os
+
+# Multi-device code paths (pmap, sharding) run on the CPU with forced host devices. This must
+# happen before JAX initialises its backends, hence at conftest import time.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the CPU-only tests never claim a GPU
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+    """Float64 semantics for one test: where two correct implementations agree to ~1e-15."""
+    with jax.enable_x64(True):
+        yield

@@ -1,0 +1,132 @@
+"""Orbax checkpoints of the whole train state: save asynchronously, keep latest + best, resume.
+
+Layout: `<workdir>/checkpoints/<step>/{state,meta}`. `state` holds params, batch_stats,
+opt_state, step and rng as arrays; `meta` (JSON) holds the data position, epoch and config.
+Orbax writes each step into a temporary directory and renames it only once complete, so a
+save interrupted by a crash is never listed as a checkpoint (and is cleaned up on restart).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization
+from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
+
+BEST_METRIC = "top1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says which and why."""
+
+
+def create_manager(directory: str | Path, keep: int = 3, *,
+                   asynchronous: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+    """Keeps the `keep` latest checkpoints plus the best one by validation top-1."""
+    policy = keep_policy.AnyPreservationPolicy([
+        keep_policy.LatestN(n=keep),
+        keep_policy.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                          keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        enable_async_checkpointing=asynchronous,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+        create=not read_only,
+    )
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                 item_names=("state", "meta"))
+
+
+def save(manager: ocp.CheckpointManager, state: Any, meta: dict[str, Any],
+         metrics: dict[str, float] | None = None) -> None:
+    """Starts an asynchronous save of `state` (a TrainState on one device) at its step."""
+    arrays = _to_arrays(serialization.to_state_dict(state))
+    step = int(arrays["step"])
+    if step in manager.all_steps():
+        return  # already saved at this step (e.g. an eval save followed by the final one)
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(arrays),
+        meta=ocp.args.JsonSave({**meta, "step": step}),
+    ), metrics=metrics)
+
+
+def restore(manager: ocp.CheckpointManager, target: Any,
+            step: int | str = "latest") -> tuple[Any, dict[str, Any]]:
+    """Restores into the structure of `target` (a TrainState); returns (state, meta)."""
+    step = resolve_step(manager, step)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            _to_arrays(serialization.to_state_dict(target)))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"checkpoint {manager.directory}/{step} does not fit this model and optimizer "
+            f"({str(e).splitlines()[0]}); use the config it was written with"
+        ) from None
+    state = serialization.from_state_dict(target, _from_arrays(restored["state"], target))
+    return state, dict(restored["meta"])
+
+
+def resolve_step(manager: ocp.CheckpointManager, step: int | str) -> int:
+    """'latest', 'best' or a step number -> an existing step, or a clear error."""
+    steps = manager.all_steps()
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {manager.directory}")
+    if step == "latest":
+        return max(steps)
+    if step == "best":
+        scored = [(manager.metrics(s) or {}).get(BEST_METRIC) for s in steps]
+        ranked = [(v, s) for v, s in zip(scored, steps) if v is not None]
+        return max(ranked)[1] if ranked else max(steps)
+    if int(step) not in steps:
+        raise CheckpointError(
+            f"no checkpoint at step {step} in {manager.directory}; have {sorted(steps)}")
+    return int(step)
+
+
+def read_meta(directory: str | Path, step: int | str = "latest") -> dict[str, Any]:
+    """The JSON metadata of a checkpoint, without touching its arrays."""
+    with create_manager(directory, read_only=True, asynchronous=False) as manager:
+        s = resolve_step(manager, step)
+        restored = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+
+def _to_arrays(tree: Any) -> Any:
+    """Host numpy arrays; typed PRNG keys become their raw key data (Orbax stores plain arrays)."""
+    def leaf(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(x)
+
+    return jax.tree.map(leaf, tree)
+
+
+def _from_arrays(tree: Any, target: Any) -> Any:
+    """Re-wraps raw key data where the target holds a typed PRNG key."""
+    target_rng = getattr(target, "rng", None)
+    if target_rng is not None and jax.dtypes.issubdtype(target_rng.dtype, jax.dtypes.prng_key):
+        tree = dict(tree)
+        tree["rng"] = jax.random.wrap_key_data(tree["rng"], impl=jax.random.key_impl(target_rng))
+    return tree
+
+
+def restore_variables(directory: str | Path,
+                      step: int | str = "best") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Only the model variables ({"params", "batch_stats"}) and meta of a checkpoint.
+
+    Needs no optimizer or data set: what prediction and export use.
+    """
+    with create_manager(directory, read_only=True, asynchronous=False) as manager:
+        s = resolve_step(manager, step)
+        restored = manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    tree = restored["state"]
+    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, dict(restored["meta"])

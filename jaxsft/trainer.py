@@ -1,0 +1,312 @@
+"""`fit(config) -> TrainState` and `evaluate(config)`: the layers below, assembled.
+
+Start priority (big_vision's): the workdir's own checkpoint, then `--resume PATH`, then
+`--weights`, then random initialisation. The data stream is a pure function of
+(seed, step), so a resumed run sees exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsft import checkpoint, data, metrics, optim, steps
+from jaxsft import workdir as workdir_lib
+from jaxsft.config import Config, ConfigError
+from jaxsft.models import create_model
+from jaxsft.preemption import StopRequest
+from jaxsft.state import TrainState
+from jaxsft.weights import load_weights
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "curves.png"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved. Rerun the same command to resume."""
+
+    def __init__(self, signal_name: str, step: int):
+        super().__init__(f"{signal_name} at step {step}: checkpoint saved; rerun the same "
+                         "command to resume")
+        self.signal_name, self.step = signal_name, step
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a config means once the data set is known: sizes, lengths and cadences."""
+
+    info: data.DatasetInfo
+    num_classes: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+    bn_mode: str
+
+
+def make_plan(cfg: Config) -> Plan:
+    """Resolves data-dependent settings; refuses impossible ones before anything compiles."""
+    devices = jax.device_count()
+    for name, size in (("--batch-size", cfg.data.batch_size),
+                       ("--eval-batch-size", cfg.data.eval_batch_size)):
+        if size is not None and size % devices:
+            raise ConfigError(f"{name} {size} is not divisible by the {devices} devices; "
+                              f"use a multiple of {devices}")
+    if (cfg.data.batch_size // devices) % cfg.run.accum_steps:
+        raise ConfigError(f"the per-device batch {cfg.data.batch_size // devices} is not "
+                          f"divisible by --accum-steps {cfg.run.accum_steps}")
+    info = data.dataset_info(cfg.data)
+    spe = data.steps_per_epoch(info, cfg.data)
+    if spe < 1:
+        raise ConfigError(f"--batch-size {cfg.data.batch_size} exceeds the "
+                          f"{info.train_examples} training examples; use a smaller batch")
+    total = cfg.run.steps or math.ceil((cfg.run.epochs or 1.0) * spe)
+    # A linear probe trains only the head: the backbone's BatchNorm statistics stay as loaded.
+    bn_mode = "frozen" if cfg.optim.recipe == "linear-probe" else cfg.run.bn
+    return Plan(info=info, num_classes=cfg.model.num_classes or info.num_classes,
+                steps_per_epoch=spe, total_steps=total,
+                eval_every=cfg.run.eval_every or spe,
+                checkpoint_every=cfg.run.checkpoint_every or spe, bn_mode=bn_mode)
+
+
+def initial_state(cfg: Config, plan: Plan) -> TrainState:
+    """A fresh TrainState from --weights (head replaced as needed) or random init."""
+    model = create_model(cfg.model.model, plan.num_classes, dtype=jnp.dtype(cfg.model.dtype))
+    init_rng, state_rng = jax.random.split(jax.random.key(cfg.run.seed))
+    if cfg.model.weights:
+        variables = load_weights(cfg.model.weights, cfg.model.model,
+                                 num_classes=plan.num_classes, rng=init_rng)
+    else:
+        size = cfg.data.image_size
+        variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)), train=False)
+                            )(init_rng)
+    tx, _ = optim.create_optimizer(cfg.optim, total_steps=plan.total_steps,
+                                   steps_per_epoch=plan.steps_per_epoch,
+                                   batch_size=cfg.data.batch_size)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables["batch_stats"], tx=tx, rng=state_rng)
+
+
+def restore_or_init(cfg: Config, plan: Plan, manager) -> tuple[TrainState, str]:
+    """The start state by priority: workdir checkpoint > --resume > --weights > random."""
+    state = initial_state(cfg, plan)
+    if manager.all_steps():
+        state, _ = checkpoint.restore(manager, state, "latest")
+        return state, f"resumed from {manager.directory} at step {int(state.step)}"
+    if cfg.run.resume:
+        directory, step = _checkpoint_location(cfg.run.resume)
+        with checkpoint.create_manager(directory, read_only=True, asynchronous=False) as other:
+            state, _ = checkpoint.restore(other, state, step)
+        return state, f"started from {cfg.run.resume} at step {int(state.step)}"
+    source = cfg.model.weights or "random initialisation"
+    return state, f"started from {source}"
+
+
+def _checkpoint_location(path: str) -> tuple[Path, str | int]:
+    """A workdir, its checkpoints dir, or one step's dir -> (checkpoints dir, step)."""
+    p = Path(path)
+    if (p / CHECKPOINT_DIR).is_dir():
+        return p / CHECKPOINT_DIR, "latest"
+    if p.name.isdigit() and (p / "state").is_dir():
+        return p.parent, int(p.name)
+    if p.is_dir():
+        return p, "latest"
+    raise ConfigError(f"--resume {path}: no such checkpoint or workdir")
+
+
+def fit(cfg: Config) -> TrainState:
+    """Trains per `cfg`, writing config, checkpoints, metrics and plot into the workdir."""
+    started = time.perf_counter()
+    plan = make_plan(cfg)
+    is_main = jax.process_index() == 0
+    workdir = workdir_lib.prepare(cfg, write=is_main)
+    say = _printer(is_main)
+    manager = checkpoint.create_manager(workdir / CHECKPOINT_DIR, keep=cfg.run.keep)
+    try:
+        state, origin = restore_or_init(cfg, plan, manager)
+        say(f"{cfg.model.model} on {plan.info.name}: {plan.num_classes} classes, "
+            f"{plan.info.train_examples} train examples, {plan.total_steps} steps "
+            f"({plan.steps_per_epoch}/epoch) on {jax.device_count()} {jax.default_backend()} "
+            f"device(s); {origin}")
+        writer = _writers(workdir) if is_main else metrics.MultiWriter([])
+        try:
+            state = _train_loop(cfg, plan, state, manager, writer, say)
+        finally:
+            writer.close()
+            manager.wait_until_finished()
+    finally:
+        manager.close()
+    if is_main:
+        summary = _summarize(workdir, wall_s=time.perf_counter() - started)
+        metrics.plot_curves(workdir / METRICS_FILE, workdir / PLOT_FILE)
+        say(_summary_line(summary) + f"\nplot: {workdir / PLOT_FILE}")
+    return state
+
+
+def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer, say) -> TrainState:
+    _, schedule = optim.create_optimizer(cfg.optim, total_steps=plan.total_steps,
+                                         steps_per_epoch=plan.steps_per_epoch,
+                                         batch_size=cfg.data.batch_size)
+    train_step = steps.pmap_train_step(label_smoothing=cfg.run.label_smoothing,
+                                       bn_mode=plan.bn_mode, accum_steps=cfg.run.accum_steps,
+                                       learning_rate_fn=schedule)
+    eval_step = steps.pmap_eval_step()
+    start = int(state.step)
+    if start >= plan.total_steps:
+        say(f"already trained for {start} steps (of {plan.total_steps}); nothing to do")
+        return state
+    rstate = steps.replicate(state)
+    batches = data.device_prefetch(
+        data.train_batches(cfg.data, seed=cfg.run.seed, start_step=start))
+    meta = {"config": json.loads(cfg.to_json()), "class_names": list(plan.info.class_names),
+            "num_classes": plan.num_classes}
+    clock = _Throughput()
+    window: list[Any] = []
+    bar = None
+    with StopRequest() as stop:
+        for step in range(start + 1, plan.total_steps + 1):
+            epoch, in_epoch = divmod(step - 1, plan.steps_per_epoch)
+            if bar is None:
+                bar = metrics.ProgressBar(min(plan.steps_per_epoch, plan.total_steps - step + 1
+                                              + in_epoch), f"epoch {epoch + 1}",
+                                          enabled=None if jax.process_index() == 0 else False)
+            rstate, step_metrics = train_step(rstate, next(batches))
+            window.append(step_metrics)
+            end_of_epoch = step % plan.steps_per_epoch == 0 or step == plan.total_steps
+            do_eval = plan.info.eval_split is not None and (
+                step % plan.eval_every == 0 or step == plan.total_steps)
+            do_save = do_eval or step % plan.checkpoint_every == 0 or step == plan.total_steps \
+                or stop.requested
+            if step % cfg.run.log_every == 0 or end_of_epoch or do_save:
+                row = _flush(window, step, writer, clock, cfg.data.batch_size)
+                bar.update(in_epoch + 1, loss=row["loss"], top1=row["top1"],
+                           images_per_s=row["images_per_s"])
+                window = []
+            eval_row = None
+            if do_eval:
+                eval_row = run_eval(eval_step, rstate, cfg)
+                writer.write(step, eval_row, "eval")
+            if end_of_epoch:
+                bar.close()
+                bar = None
+            if eval_row is not None:
+                say(f"step {step} (epoch {epoch + 1}): eval top-1 {100 * eval_row['top1']:.2f}% "
+                    f"top-5 {100 * eval_row['top5']:.2f}% loss {eval_row['loss']:.4f} "
+                    f"over {eval_row['count']} examples")
+            if do_save:
+                checkpoint.save(manager, steps.unreplicate(rstate),
+                                {**meta, "epoch": epoch, "data_position": step},
+                                metrics=None if eval_row is None else
+                                {k: float(v) for k, v in eval_row.items()})
+            if stop.requested:
+                if bar is not None:
+                    bar.close()
+                manager.wait_until_finished()
+                raise Preempted(stop.signal_name, step)
+    return steps.unreplicate(rstate)
+
+
+def run_eval(eval_step, rstate, cfg: Config) -> dict[str, float]:
+    """Loss, top-1 and top-5 over every example of the eval split (padded batches masked)."""
+    sums = [eval_step(rstate, b) for b in data.device_prefetch(data.eval_batches(cfg.data))]
+    return metrics.reduce_eval(_first_replica(s) for s in jax.device_get(sums))
+
+
+def evaluate(cfg: Config, checkpoint_step: int | str = "best") -> dict[str, float]:
+    """Evaluates a workdir's checkpoint ('best', 'latest' or a step) on cfg's eval split."""
+    plan = make_plan(cfg)
+    if plan.info.eval_split is None:
+        raise ConfigError(f"{plan.info.name} has no evaluation split; pass --eval-split")
+    directory = Path(cfg.run.workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        raise ConfigError(f"no checkpoints in {cfg.run.workdir}; train there first")
+    with checkpoint.create_manager(directory, read_only=True, asynchronous=False) as manager:
+        state, meta = checkpoint.restore(manager, initial_state(cfg, plan), checkpoint_step)
+    result = run_eval(steps.pmap_eval_step(), steps.replicate(state), cfg)
+    return {**result, "step": int(state.step), "split": plan.info.eval_split}
+
+
+def _flush(window, step: int, writer, clock: _Throughput, batch_size: int) -> dict[str, float]:
+    """Fetches a window of step metrics, stops on a non-finite loss, writes one train row."""
+    rows = [_first_replica(m) for m in jax.device_get(window)]
+    bad = [r for r in rows if not bool(r["finite"])]
+    if bad:
+        raise TrainingError(
+            f"the loss became non-finite (lr {float(bad[0]['lr']):.3g}) by step {step}; the "
+            "last checkpoint is kept. Lower --lr, add --clip-grad-norm or --warmup-epochs")
+    row = metrics.reduce_train(rows)
+    row["images_per_s"] = clock.tick(len(rows) * batch_size)
+    writer.write(step, row, "train")
+    return row
+
+
+class _Throughput:
+    """Images per second between flushes (the flush syncs with the devices)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def tick(self, images: int) -> float:
+        now = time.perf_counter()
+        rate, self._last = images / max(now - self._last, 1e-9), now
+        return rate
+
+
+def _first_replica(tree: Any) -> Any:
+    """pmapped metrics are identical on every device (they are psum'd): take device 0's."""
+    return jax.tree.map(lambda x: np.asarray(x)[0] if np.ndim(x) else x, tree)
+
+
+def _writers(workdir: Path) -> metrics.MultiWriter:
+    return metrics.MultiWriter([metrics.JsonlWriter(workdir / METRICS_FILE),
+                                metrics.TensorBoardWriter(workdir / "tensorboard")])
+
+
+def _summarize(workdir: Path, wall_s: float) -> dict[str, Any]:
+    """Best and last eval, throughput, and this invocation's wall time; saved as JSON."""
+    rows = metrics.read_jsonl(workdir / METRICS_FILE)
+    evals = [r for r in rows if r["split"] == "eval"]
+    train = [r for r in rows if r["split"] == "train"]
+    summary: dict[str, Any] = {"steps": max((r["step"] for r in rows), default=0),
+                               "wall_s": round(wall_s, 1)}
+    if evals:
+        best = max(evals, key=lambda r: r["top1"])
+        summary.update(best_top1=best["top1"], best_top5=best["top5"], best_step=best["step"],
+                       last_top1=evals[-1]["top1"], last_top5=evals[-1]["top5"])
+    if len(train) > 1:  # the first window includes compilation
+        summary["images_per_s"] = float(np.median([r["images_per_s"] for r in train[1:]]))
+    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _summary_line(s: dict[str, Any]) -> str:
+    parts = [f"done: {s['steps']} steps in {metrics.format_duration(s['wall_s'])}"]
+    if "best_top1" in s:
+        parts.append(f"best top-1 {100 * s['best_top1']:.2f}% (step {s['best_step']}), "
+                     f"top-5 {100 * s['best_top5']:.2f}%; last top-1 {100 * s['last_top1']:.2f}%")
+    if "images_per_s" in s:
+        parts.append(f"{s['images_per_s']:,.1f} images/s")
+    return "; ".join(parts)
+
+
+def _printer(enabled: bool):
+    def say(msg: str) -> None:
+        if enabled:
+            print(msg, file=sys.stdout, flush=True)
+
+    return say

@@ -34,6 +34,8 @@ def create_manager(directory: str | Path, keep: int = 3, *,
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy,
+        best_fn=lambda m: m[BEST_METRIC],  # also makes Orbax write the metrics to disk
+        best_mode="max",
         enable_async_checkpointing=asynchronous,
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
@@ -66,12 +68,29 @@ def restore(manager: ocp.CheckpointManager, target: Any,
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"checkpoint {manager.directory}/{step} does not fit this model and optimizer "
-            f"({str(e).splitlines()[0]}); use the config it was written with"
-        ) from None
+        raise _mismatch(manager, step, str(e).splitlines()[0]) from None
+    _check_shapes(abstract, restored["state"], lambda why: _mismatch(manager, step, why))
     state = serialization.from_state_dict(target, _from_arrays(restored["state"], target))
     return state, dict(restored["meta"])
+
+
+def _mismatch(manager: ocp.CheckpointManager, step: int, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {manager.directory}/{step} does not fit this model and "
+                           f"optimizer ({why}); use the config it was written with")
+
+
+def _check_shapes(expected: Any, got: Any, error) -> None:
+    """Orbax restores stored shapes as they are: a different model must fail here, loudly."""
+    want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    have = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+    for path in sorted(set(want) | set(have), key=str):
+        name = jax.tree_util.keystr(path)
+        if path not in have or path not in want:
+            raise error(f"{name} is {'missing' if path not in have else 'unexpected'}")
+        w, h = want[path], have[path]
+        if tuple(w.shape) != tuple(np.shape(h)) or np.dtype(w.dtype) != np.asarray(h).dtype:
+            raise error(f"{name} is {np.asarray(h).dtype}{list(np.shape(h))}, "
+                        f"expected {np.dtype(w.dtype)}{list(w.shape)}")
 
 
 def resolve_step(manager: ocp.CheckpointManager, step: int | str) -> int:

@@ -6,36 +6,43 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from jaxsft.config import ConfigError
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'the user can fix this': printed as one line, never a traceback."""
     from jaxsft.checkpoint import CheckpointError
-    from jaxsft.config import ConfigError
     from jaxsft.data import DataError
     from jaxsft.weights import WeightsError
 
     return ConfigError, DataError, WeightsError, CheckpointError
 
 
-def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
-        *, prog: str) -> None:
-    """Runs `main(argv)` and exits: 0 ok, 1 training failed, 2 user error, 128+N signal N."""
+def exit_code(error: BaseException) -> int | None:
+    """0 ok, 1 training failed, 2 user error, 128+N stopped by signal N; None: a bug."""
+    if isinstance(error, ConfigError):  # checked first: a bad flag fails before JAX loads
+        return 2
+    if isinstance(error, KeyboardInterrupt):
+        return 128 + signal.SIGINT.value
     from jaxsft.trainer import Preempted, TrainingError
 
+    if isinstance(error, Preempted):
+        return 128 + signal.Signals[error.signal_name].value
+    if isinstance(error, TrainingError):
+        return 1
+    return 2 if isinstance(error, user_errors()) else None
+
+
+def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
+        *, prog: str) -> None:
+    """Runs `main(argv)` and exits with `exit_code`; unexpected errors keep their traceback."""
     try:
         main(argv)
-    except user_errors() as e:
-        _die(prog, str(e), 2)
-    except TrainingError as e:
-        _die(prog, str(e), 1)
-    except Preempted as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        sys.exit(128 + signal.Signals[e.signal_name].value)
-    except KeyboardInterrupt:
-        _die(prog, "interrupted", 128 + signal.SIGINT.value)
+    except (Exception, KeyboardInterrupt) as e:
+        code = exit_code(e)
+        if code is None:
+            raise
+        label = "stopped" if code > 128 else "error"
+        print(f"{prog}: {label}: {e or type(e).__name__}", file=sys.stderr)
+        sys.exit(code)
     sys.exit(0)
-
-
-def _die(prog: str, message: str, code: int) -> None:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(code)

@@ -1,0 +1,93 @@
+"""Orbax checkpoints: exact round trip, latest + best kept, interrupted saves ignored."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import struct
+
+from jaxsft import checkpoint
+from jaxsft.checkpoint import CheckpointError
+
+
+class State(struct.PyTreeNode):
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def make_state(step=0, seed=0):
+    params = {"w": jax.random.normal(jax.random.key(seed), (3, 4)), "b": jnp.arange(4.0)}
+    tx = optax.sgd(0.1, momentum=0.9)
+    opt_state = jax.tree.map(lambda x: x + seed, tx.init(params))
+    return State(step=jnp.asarray(step), params=params, opt_state=opt_state,
+                 rng=jax.random.key(seed), tx=tx)
+
+
+def assert_same(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_is_bit_exact_including_optimizer_and_typed_rng(tmp_path):
+    saved = make_state(step=5, seed=3)
+    with checkpoint.create_manager(tmp_path, keep=2) as m:
+        checkpoint.save(m, saved, {"data_position": 5, "class_names": ["a", "b"]})
+        m.wait_until_finished()
+        restored, meta = checkpoint.restore(m, make_state(), "latest")
+    assert_same(saved, restored)
+    assert meta == {"data_position": 5, "class_names": ["a", "b"], "step": 5}
+    assert checkpoint.read_meta(tmp_path)["data_position"] == 5
+
+
+def test_keeps_latest_n_and_the_best(tmp_path):
+    top1 = {1: 0.5, 2: 0.9, 3: 0.4, 4: 0.3, 5: 0.2}
+    with checkpoint.create_manager(tmp_path, keep=2) as m:
+        for step, acc in top1.items():
+            checkpoint.save(m, make_state(step), {}, metrics={"top1": acc})
+            m.wait_until_finished()
+        assert sorted(m.all_steps()) == [2, 4, 5]
+        assert checkpoint.resolve_step(m, "best") == 2
+        assert checkpoint.resolve_step(m, "latest") == 5
+        with pytest.raises(CheckpointError, match=r"no checkpoint at step 3 .* have \[2, 4, 5\]"):
+            checkpoint.resolve_step(m, 3)
+
+
+def test_interrupted_save_is_ignored_in_favour_of_the_last_complete_one(tmp_path):
+    with checkpoint.create_manager(tmp_path) as m:
+        checkpoint.save(m, make_state(7, seed=1), {})
+        m.wait_until_finished()
+    # What a crash during a save leaves behind: Orbax's temporary directory, half written.
+    partial = tmp_path / "9.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(tmp_path / "7", partial)
+    for f in partial.rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[:10])
+    with checkpoint.create_manager(tmp_path) as m:
+        assert m.all_steps() == [7]
+        restored, _ = checkpoint.restore(m, make_state(), "latest")
+    assert int(restored.step) == 7
+    assert not partial.exists()  # cleaned up on restart
+
+
+def test_restore_into_a_different_model_names_the_fix(tmp_path):
+    with checkpoint.create_manager(tmp_path) as m:
+        checkpoint.save(m, make_state(1), {})
+        m.wait_until_finished()
+        other = make_state().replace(params={"w": jnp.zeros((5, 5)), "b": jnp.zeros(4)})
+        with pytest.raises(CheckpointError, match="use the config it was written with"):
+            checkpoint.restore(m, other)
+
+
+def test_empty_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        checkpoint.read_meta(tmp_path)

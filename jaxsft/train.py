@@ -17,12 +17,31 @@ def build_parser() -> argparse.ArgumentParser:
                     "every local device. Rerunning the same command in the same --workdir "
                     "resumes where it stopped.")
     config.add_flags(parser)
+    launch = parser.add_argument_group(
+        "distributed", "multi-host runs: auto-detected under SLURM, Open MPI and Cloud TPU; "
+        "otherwise give all three flags on every process")
+    launch.add_argument("--coordinator-address", help="host:port of process 0")
+    launch.add_argument("--num-processes", type=int, help="number of processes in the run")
+    launch.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
+    launch.add_argument("--distributed-timeout", type=int, default=300,
+                        help="seconds to wait for the other processes (default: 300)")
     return parser
 
 
+LAUNCH_FLAGS = ("coordinator_address", "num_processes", "process_id", "distributed_timeout")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = config.from_args(build_parser().parse_args(argv))
-    from jaxsft.trainer import fit  # after validation: a bad flag fails before JAX starts
+    args = build_parser().parse_args(argv)
+    launch = {k: getattr(args, k) for k in LAUNCH_FLAGS}
+    for k in LAUNCH_FLAGS:
+        delattr(args, k)
+    cfg = config.from_args(args)  # validated before JAX starts
+    from jaxsft import distributed
+
+    distributed.initialize(launch["coordinator_address"], launch["num_processes"],
+                           launch["process_id"], timeout_s=launch["distributed_timeout"])
+    from jaxsft.trainer import fit
 
     fit(cfg)
 

@@ -22,7 +22,7 @@ import numpy as np
 from jaxsft import checkpoint, data, metrics, optim, steps
 from jaxsft import workdir as workdir_lib
 from jaxsft.config import Config, ConfigError
-from jaxsft.models import create_model
+from jaxsft.models import ARCHITECTURES, create_model
 from jaxsft.preemption import StopRequest
 from jaxsft.state import TrainState
 from jaxsft.weights import load_weights
@@ -61,6 +61,11 @@ class Plan:
 
 def make_plan(cfg: Config) -> Plan:
     """Resolves data-dependent settings; refuses impossible ones before anything compiles."""
+    if cfg.model.model not in ARCHITECTURES:
+        raise ConfigError(f"unknown --model {cfg.model.model!r}; known models: "
+                          f"{', '.join(sorted(ARCHITECTURES))}")
+    if cfg.model.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)  # float64 compute needs JAX's x64 mode
     devices = jax.device_count()
     for name, size in (("--batch-size", cfg.data.batch_size),
                        ("--eval-batch-size", cfg.data.eval_batch_size)):

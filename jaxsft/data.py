@@ -1,0 +1,306 @@
+"""Data sets -> numpy batches laid out for the local devices, and onto the devices.
+
+Sources (`DataConfig.dataset`):
+- any TFDS image-classification data set by name (`tf_flowers`, `cifar10`, `imagenet2012`),
+  prepared in `--data-dir` (downloaded and prepared on first use where TFDS can), with TFDS
+  split syntax (`train[:90%]`) and the Image / ClassLabel features found from the builder
+  (or `--image-key` / `--label-key`);
+- `folder:/path`: `root/<split>/<class>/*` or `root/<class>/*` with a seeded `val` split
+  carved out (jaxsft/datasets/folder.py); class names are the folder names;
+- `digits`: scikit-learn's bundled 8x8 digits as a TFDS data set, 32x32 RGB, offline
+  (jaxsft/datasets/digits.py).
+
+Batches are dicts of numpy arrays: "image" float32 [D, B/D, H, W, 3] (ImageNet-normalised),
+"label" int32 [D, B/D] and "mask" float32 [D, B/D] (1 = a real, readable example), where D is
+the number of local devices and B the per-process batch (`batch_size / process_count`; each
+process reads only its own part of every split).
+
+Preprocessing is torchvision's (jaxsft/datasets/transforms.py): train `imagenet` =
+RandomResizedCrop(size, (0.08, 1), (3/4, 4/3)) + horizontal flip, `light` = the eval view +
+RandomCrop(size, padding=size//8) + flip, `none` = the eval view; eval = Resize(size /
+crop_ratio) + CenterCrop(size); bilinear with antialiasing; grayscale and RGBA -> RGB.
+
+Reproducibility: `train_batches(cfg, seed=s, start_step=k)` yields exactly the batches that
+`start_step=0` yields from the k-th on, bit for bit, so a resumed run sees the data it would
+have seen. Epoch e = k // steps_per_epoch is read in an order seeded by (s, e, process)
+(TFDS file order or a folder permutation, then a seeded shuffle buffer; with `--cache`, a
+full shuffle of the decoded examples), k % steps_per_epoch batches are skipped before any
+decoding, and each example's augmentation draws from a stateless key (s, e, process, index).
+
+Unreadable images (corrupt, truncated, not an image) never stop a run: each becomes a
+masked example (mask 0, a black image), is logged once by name, and is counted in the
+iterator's `skipped` (a `SkippedImages`: `count` occurrences, `ids` the distinct names).
+With `--strict-images` the first one raises a DataError naming it. In training, the masked
+example still occupies its slot (so the batch stream never shifts); it is excluded from the
+loss and metrics by the mask but does enter the BatchNorm batch statistics as a zero input.
+
+TensorFlow is imported only inside these functions (through jaxsft.datasets) and never
+sees a GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxsft.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+LOOKAHEAD_BATCHES = 8  # the next epoch's pipeline starts this many batches before the end
+MAX_SKIPPED_IDS = 1000
+
+
+class DataError(ValueError):
+    """A data set, split, file or batch setting is unusable; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the trainer needs to know of a data set before reading it."""
+
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    train_examples: int
+    eval_examples: int | None
+    eval_split: str | None  # resolved: the split eval_batches reads, None if there is none
+    image_key: str
+    label_key: str
+
+
+@dataclasses.dataclass
+class SkippedImages:
+    """Unreadable images met so far: `count` occurrences, `ids` their distinct names."""
+
+    count: int = 0
+    ids: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, ids: Iterable[str]) -> None:
+        for name in ids:
+            self.count += 1
+            if name not in self.ids and len(self.ids) < MAX_SKIPPED_IDS:
+                self.ids.append(name)
+                log.warning("skipped unreadable image %s (%d skipped so far; "
+                            "--strict-images stops instead)", name, self.count)
+
+
+class Batches(Iterator[dict[str, np.ndarray]]):
+    """An iterator of batches that also reports the unreadable images it skipped."""
+
+    def __init__(self, make: Callable[[SkippedImages], Iterator[dict[str, np.ndarray]]]):
+        self.skipped = SkippedImages()
+        self._batches = make(self.skipped)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._batches)
+
+
+def _source(cfg: DataConfig):
+    from jaxsft.datasets.sources import open_source
+
+    return open_source(cfg)
+
+
+def dataset_info(cfg: DataConfig) -> DatasetInfo:
+    """Classes, class names and split sizes; prepares a TFDS data set on first use."""
+    return _source(cfg).info
+
+
+def steps_per_epoch(info: DatasetInfo, cfg: DataConfig) -> int:
+    """Train batches per epoch: train_examples // batch_size (the remainder is dropped)."""
+    steps = info.train_examples // cfg.batch_size
+    if steps == 0:
+        raise DataError(
+            f"the train split of {info.name} has {info.train_examples} examples, fewer than "
+            f"--batch-size {cfg.batch_size}: use a smaller batch size or a larger split"
+        )
+    return steps
+
+
+def _local_batch(batch: int, flag: str, num_devices: int, process_count: int) -> int:
+    """The per-process batch, checked to split evenly over processes and local devices."""
+    if batch % process_count:
+        raise DataError(f"{flag} {batch} is not divisible by the {process_count} processes: "
+                        f"use a multiple of {process_count * num_devices}")
+    local = batch // process_count
+    if local % num_devices:
+        raise DataError(
+            f"{flag} {batch} does not split evenly over {num_devices} devices"
+            + (f" in each of {process_count} processes" if process_count > 1 else "")
+            + f": use a multiple of {process_count * num_devices}"
+        )
+    return local
+
+
+def train_batches(
+    cfg: DataConfig, *, seed: int, start_step: int = 0, num_devices: int | None = None
+) -> Batches:
+    """Infinite training batches, epoch after epoch, exactly reproducible from `start_step`."""
+    return _train_batches(
+        cfg, seed=seed, start_step=start_step,
+        num_devices=num_devices or jax.local_device_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+
+
+def _train_batches(
+    cfg: DataConfig, *, seed: int, start_step: int, num_devices: int, process_index: int,
+    process_count: int,
+) -> Batches:
+    """train_batches with the process given explicitly (tests simulate several)."""
+    from jaxsft.datasets import pipeline
+
+    if start_step < 0:
+        raise DataError(f"start_step must be >= 0, got {start_step}")
+    local = _local_batch(cfg.batch_size, "--batch-size", num_devices, process_count)
+    source = _source(cfg)
+    spe = steps_per_epoch(source.info, cfg)
+    shard = pipeline.Shard(cfg.train_split, process_index, process_count, local)
+
+    def stream(skipped: SkippedImages) -> Iterator[dict[str, np.ndarray]]:
+        cache = pipeline.decoded_cache(source, cfg, shard, seed) if cfg.cache else None
+        if cache is not None:
+            cache.reduce(np.int64(0), lambda count, _: count + 1)  # fill it, once
+
+        def epoch_batches(epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+            ds = pipeline.train_epoch(source, cfg, shard, seed=seed, epoch=epoch, skip=skip,
+                                      steps=spe, cache=cache)
+            return ds.as_numpy_iterator()
+
+        epoch, skip = divmod(start_step, spe)
+        current = epoch_batches(epoch, skip)
+        while True:
+            remaining = spe - skip
+            upcoming = None
+            for i in range(remaining):
+                if i == max(remaining - LOOKAHEAD_BATCHES, 0):
+                    upcoming = epoch_batches(epoch + 1, 0)  # warms up while this one ends
+                yield _assemble(next(current), cfg, source.info, num_devices, skipped)
+            current, epoch, skip = upcoming, epoch + 1, 0
+
+    return Batches(stream)
+
+
+def eval_batches(cfg: DataConfig, num_devices: int | None = None) -> Batches:
+    """One pass over the eval split: every example once, over all devices and processes."""
+    return _eval_batches(
+        cfg, num_devices=num_devices or jax.local_device_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+
+
+def _eval_batches(
+    cfg: DataConfig, *, num_devices: int, process_index: int, process_count: int
+) -> Batches:
+    """eval_batches with the process given explicitly. Every process yields the same number
+    of batches (collectives need it): the last real one is padded, then empty ones follow."""
+    from jaxsft.datasets import pipeline
+
+    batch = cfg.eval_batch_size or cfg.batch_size
+    flag = "--eval-batch-size" if cfg.eval_batch_size else "--batch-size"
+    local = _local_batch(batch, flag, num_devices, process_count)
+    source = _source(cfg)
+    split = source.info.eval_split
+    if split is None:
+        raise DataError(f"{cfg.dataset} has no validation or test split: give --eval-split")
+    shard = pipeline.Shard(split, process_index, process_count, local)
+    num_batches = math.ceil(max(source.shard_sizes(split, process_count)) / local)
+
+    def stream(skipped: SkippedImages) -> Iterator[dict[str, np.ndarray]]:
+        seen = 0
+        for raw in pipeline.eval_pass(source, cfg, shard).as_numpy_iterator():
+            seen += 1
+            yield _assemble(_pad(raw, local), cfg, source.info, num_devices, skipped)
+        for _ in range(num_batches - seen):
+            yield _assemble(_pad(None, local, cfg.image_size), cfg, source.info, num_devices,
+                            skipped)
+
+    return Batches(stream)
+
+
+def _pad(raw: dict[str, np.ndarray] | None, size: int, image_size: int = 0) -> dict:
+    """A batch padded to `size` examples; "real" marks the ones that are not padding."""
+    if raw is None:
+        raw = {"image": np.zeros((0, image_size, image_size, 3), np.float32),
+               "label": np.zeros(0, np.int32), "ok": np.zeros(0, bool),
+               "id": np.zeros(0, object)}
+    n = len(raw["label"])
+    out = {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
+           for k, v in raw.items()}
+    out["real"] = np.arange(size) < n
+    return out
+
+
+def _assemble(
+    raw: dict[str, np.ndarray], cfg: DataConfig, info: DatasetInfo, num_devices: int,
+    skipped: SkippedImages,
+) -> dict[str, np.ndarray]:
+    """Checks a host batch (labels, unreadable images) and lays it out as [D, B/D, ...]."""
+    real = raw.get("real", np.ones(len(raw["label"]), bool))
+    ids = [i.decode(errors="replace") if isinstance(i, bytes) else str(i) for i in raw["id"]]
+    labels = raw["label"]
+    bad = np.flatnonzero(real & ((labels < 0) | (labels >= info.num_classes)))
+    if bad.size:
+        raise DataError(
+            f"label {labels[bad[0]]} of {ids[bad[0]]} is outside [0, {info.num_classes}) "
+            f"of {info.name}: this split has unlabelled or mislabelled examples; choose a "
+            "labelled split (--train-split/--eval-split) or the right --label-key"
+        )
+    unreadable = [ids[i] for i in np.flatnonzero(real & ~raw["ok"])]
+    if unreadable and cfg.strict_images:
+        raise DataError(f"cannot read or decode image {unreadable[0]}: remove or replace it, "
+                        "or drop --strict-images to skip unreadable images")
+    skipped.add(unreadable)
+    mask = (real & raw["ok"]).astype(np.float32)
+    batch = {"image": raw["image"], "label": labels.astype(np.int32), "mask": mask}
+    return {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in batch.items()}
+
+
+def load_image(path: str, cfg: DataConfig) -> np.ndarray:
+    """One image file with the eval preprocessing: float32 [H, W, 3], for prediction."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise DataError(f"no such image file: {path}")
+    from jaxsft.datasets.pipeline import preprocess_file
+
+    return preprocess_file(path, cfg)
+
+
+def device_prefetch(
+    batches: Iterable[dict[str, Any]], size: int = 2, devices: list | None = None
+) -> Iterator[dict[str, jax.Array]]:
+    """Puts [D, ...] host batches onto the local devices `size` batches ahead of use.
+
+    Transfers are asynchronous, so while the accelerator runs step k the host already copies
+    batch k+1 (and reads batch k+2): the device waits on the host only if the host is slower.
+    Each array is sharded along its leading axis, one slice per device, as pmap expects.
+    """
+    if size < 1:
+        raise DataError(f"device_prefetch needs size >= 1, got {size}")
+    devices = list(devices or jax.local_devices())
+    shardings: dict[int, jax.sharding.NamedSharding] = {}
+
+    def put(batch: dict[str, Any]) -> dict[str, jax.Array]:
+        d = len(next(iter(batch.values())))
+        if d > len(devices):
+            raise DataError(f"a batch for {d} devices, but only {len(devices)} are local")
+        if d not in shardings:
+            mesh = jax.sharding.Mesh(np.array(devices[:d]), ("batch",))
+            shardings[d] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+        return jax.device_put(batch, shardings[d])
+
+    it = iter(batches)
+    queue = collections.deque(put(b) for b in itertools.islice(it, size))
+    while queue:
+        yield queue.popleft()
+        queue.extend(put(b) for b in itertools.islice(it, 1))

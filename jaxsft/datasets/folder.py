@@ -1,0 +1,95 @@
+"""Local image folders: find the splits, classes and files of `folder:/path`.
+
+Two layouts, as torchvision's ImageFolder users keep them:
+- `root/<split>/<class>/**/*.jpg` with splits among train, val, validation, test;
+- `root/<class>/**/*.jpg`, from which a validation split `val` is carved out.
+`root/train/<class>/...` alone (no val/test folder) is carved the same way. The carved split
+takes a stratified `val_fraction` of each class (at least one image of every class with two
+or more) by a permutation seeded with a fixed seed, not the run's: every run, whatever its
+--seed, evaluates on the same images. Classes are the sorted names of the class folders of
+all splits together, so a class missing from one split keeps its index. Files are listed
+sorted, so the index is the same on every machine; unreadable files are found later, when
+decoded (see jaxsft.data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from jaxsft.data import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+SPLIT_DIRS = ("train", "val", "validation", "test")
+CARVED_SPLIT = "val"
+CARVE_SEED = 0
+
+log = logging.getLogger(__name__)
+
+Example = tuple[str, int]  # (path, label)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderIndex:
+    """Every split's examples, sorted by class then path."""
+
+    root: str
+    class_names: tuple[str, ...]
+    splits: dict[str, list[Example]]
+
+
+def scan(root: str, val_fraction: float) -> FolderIndex:
+    """Lists `root` in either layout; DataError when it holds no images."""
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"folder data set {root!r}: no such directory; give folder:/path/to/images")
+    split_dirs = [d for d in _subdirs(path) if d.name in SPLIT_DIRS and _subdirs(d)]
+    by_split = {d.name: _class_files(d) for d in split_dirs} or {"train": _class_files(path)}
+    classes = tuple(sorted({c for files in by_split.values() for c, f in files.items() if f}))
+    if not classes:
+        raise DataError(
+            f"folder data set {root!r} holds no images: expected {root}/<class>/*.jpg or "
+            f"{root}/<split>/<class>/*.jpg with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    label = {name: i for i, name in enumerate(classes)}
+    splits = {
+        split: [(f, label[c]) for c in sorted(files) if files[c] for f in files[c]]
+        for split, files in by_split.items()
+    }
+    if set(splits) == {"train"}:
+        splits["train"], splits[CARVED_SPLIT] = _carve(splits["train"], val_fraction)
+    return FolderIndex(str(path), classes, splits)
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _class_files(path: Path) -> dict[str, list[str]]:
+    """{class folder name: its image files, recursively, sorted}."""
+    out = {}
+    for d in _subdirs(path):
+        out[d.name] = sorted(
+            str(f) for f in d.rglob("*")
+            if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".") and f.is_file()
+        )
+        if not out[d.name]:
+            log.warning("class folder %s holds no images; ignored", d)
+    return out
+
+
+def _carve(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
+    """Stratified, seeded split of `examples` into (train, val)."""
+    labels = np.array([label for _, label in examples])
+    held_out = np.zeros(len(examples), bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        n_val = min(max(round(len(members) * fraction), 1), len(members) - 1)
+        order = np.random.default_rng([CARVE_SEED, int(label)]).permutation(len(members))
+        held_out[members[order[:n_val]]] = True
+    train = [e for e, out in zip(examples, held_out, strict=True) if not out]
+    val = [e for e, out in zip(examples, held_out, strict=True) if out]
+    return train, val

@@ -1,0 +1,184 @@
+"""tf.data pipelines: records of one process's shard -> decoded, augmented, batched examples.
+
+Every element carries "ok" (False for an image that could not be read or decoded: it is
+replaced by a black image, and the caller masks it out and counts it) and "id" (to name it).
+Decoding runs inside a guard: each record is decoded in a one-element dataset whose errors
+are ignored, followed by a fallback element, of which the first is taken. So a corrupt file
+costs one masked example, never the run, and the batch structure (hence exact resumption)
+does not depend on which files are corrupt.
+
+Train epochs are exactly reproducible: the shard's records come in an order seeded by
+(seed, epoch, process) (TFDS file order, or a permutation of a folder's files), pass a
+shuffle buffer seeded the same way, are skipped to the resume point *before* decoding
+(cheap), and each example's augmentation is keyed by (seed, epoch, process, index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from jaxsft.config import DataConfig
+from jaxsft.data import DataError
+from jaxsft.datasets import transforms as T
+from jaxsft.datasets.sources import Source
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Which part of which split this process reads, and how it batches it."""
+
+    split: str
+    process_index: int
+    process_count: int
+    local_batch: int
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from (seed, epoch, process, purpose): stable across machines and runs."""
+    words = [p if isinstance(p, int) else int.from_bytes(p.encode(), "little") for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1  # parallel over examples, not inside ops
+    return options
+
+
+def _read(record: dict) -> tf.Tensor:
+    return tf.io.read_file(record["path"]) if "path" in record else record["data"]
+
+
+def _guarded_map(
+    ds: tf.data.Dataset, decode: Callable[[dict], tf.Tensor], finish: Callable[[dict], dict]
+) -> tf.data.Dataset:
+    """ds.map(decode then finish) in parallel, order kept; a decode error gives ok=False."""
+
+    def meta(record: dict) -> dict:
+        return {k: record[k] for k in ("label", "id", "index", "key") if k in record}
+
+    @tf.autograph.experimental.do_not_convert
+    def decoded(record: dict) -> dict:
+        return {**meta(record), "image": decode(record), "ok": tf.constant(True)}
+
+    @tf.autograph.experimental.do_not_convert
+    def failed(record: dict) -> dict:
+        return {**meta(record), "image": tf.zeros([1, 1, 3], tf.uint8), "ok": tf.constant(False)}
+
+    @tf.autograph.experimental.do_not_convert
+    def one(record: dict) -> tf.data.Dataset:
+        single = tf.data.Dataset.from_tensors(record)
+        good = single.map(decoded).ignore_errors()
+        return good.concatenate(single.map(failed)).take(1).map(finish)
+
+    return ds.interleave(one, block_length=1, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def _finish_fn(cfg: DataConfig, train: bool, cropped: bool) -> Callable[[dict], dict]:
+    """Decoded uint8 image -> the model's float32 input: augmentation, resize, normalise."""
+    size, ratio = cfg.image_size, cfg.crop_ratio
+    augment = cfg.augment if train else "none"
+
+    @tf.autograph.experimental.do_not_convert
+    def finish(ex: dict) -> dict:
+        image = ex["image"]
+        if augment == "imagenet":
+            crop_key, flip_key = T.subkeys(ex["key"], 2)
+            if not cropped:
+                image = T.apply_window(image, T.imagenet_window(crop_key)(tf.shape(image)[:2]))
+            image = T.random_flip(flip_key, T.crop_and_resize(image, size))
+        elif augment == "light":
+            crop_key, flip_key = T.subkeys(ex["key"], 2)
+            view = T.eval_view(image, size, ratio)
+            image = T.random_flip(flip_key, T.pad_and_crop(crop_key, view, size))
+        else:
+            image = T.eval_view(image, size, ratio)
+        image = T.normalize(image) * tf.cast(ex["ok"], tf.float32)
+        return {"image": image, "label": tf.cast(ex["label"], tf.int32), "ok": ex["ok"],
+                "id": ex["id"]}
+
+    return finish
+
+
+def _decode_fn(cfg: DataConfig, crop: bool) -> Callable[[dict], tf.Tensor]:
+    """Record -> uint8 image; with `crop`, only the RandomResizedCrop window (fast for JPEG)."""
+
+    def decode(record: dict) -> tf.Tensor:
+        if not crop:
+            return T.decode(_read(record))
+        crop_key = T.subkeys(record["key"], 2)[0]
+        return T.decode(_read(record), T.imagenet_window(crop_key))
+
+    return decode
+
+
+def _with_keys(ds: tf.data.Dataset, seed: int, epoch: int, process_index: int) -> tf.data.Dataset:
+    base = T.fold_in(tf.constant([seed, epoch], tf.int64), process_index)
+
+    @tf.autograph.experimental.do_not_convert
+    def add_key(record: dict) -> dict:
+        return {**record, "key": T.fold_in(base, record["index"])}
+
+    return ds.map(add_key)
+
+
+def train_epoch(
+    source: Source, cfg: DataConfig, shard: Shard, *, seed: int, epoch: int, skip: int,
+    steps: int, cache: tf.data.Dataset | None = None,
+) -> tf.data.Dataset:
+    """Batches `skip`..`steps`-1 of one epoch (drop remainder) of this process's shard."""
+    n = source.shard_sizes(shard.split, shard.process_count)[shard.process_index]
+    who = (seed, epoch, shard.process_index)
+    if cache is not None:  # decoded in a fixed order once: a full, per-epoch shuffle is cheap
+        records = cache.shuffle(n, seed=derive_seed(*who, "buffer"),
+                                reshuffle_each_iteration=False)
+    else:
+        records = source.records(shard.split, shard.process_index, shard.process_count,
+                                 order_seed=derive_seed(*who, "order"))
+        records = records.shuffle(max(1, min(cfg.shuffle_buffer, n)),
+                                  seed=derive_seed(*who, "buffer"),
+                                  reshuffle_each_iteration=False)
+    b = shard.local_batch
+    records = _with_keys(records.skip(skip * b).take((steps - skip) * b), seed, epoch,
+                         shard.process_index)
+    if cache is not None:
+        finish = _finish_fn(cfg, train=True, cropped=False)
+        examples = records.map(finish, num_parallel_calls=AUTOTUNE, deterministic=True)
+    else:
+        crop = cfg.augment == "imagenet"
+        examples = _guarded_map(records, _decode_fn(cfg, crop),
+                                _finish_fn(cfg, train=True, cropped=crop))
+    return examples.batch(b, drop_remainder=True).prefetch(AUTOTUNE).with_options(_options())
+
+
+def decoded_cache(source: Source, cfg: DataConfig, shard: Shard, seed: int) -> tf.data.Dataset:
+    """This shard's decoded images, kept in memory after the first pass (cfg.cache)."""
+    records = source.records(shard.split, shard.process_index, shard.process_count,
+                             order_seed=derive_seed(seed, shard.process_index, "cache"))
+    decoded = _guarded_map(records, _decode_fn(cfg, crop=False), lambda ex: ex)
+    return decoded.cache()
+
+
+def eval_pass(source: Source, cfg: DataConfig, shard: Shard) -> tf.data.Dataset:
+    """One pass over this process's part of the eval split, in order; last batch partial."""
+    records = source.records(shard.split, shard.process_index, shard.process_count,
+                             order_seed=None)
+    examples = _guarded_map(records, _decode_fn(cfg, crop=False),
+                            _finish_fn(cfg, train=False, cropped=False))
+    return examples.batch(shard.local_batch).prefetch(AUTOTUNE).with_options(_options())
+
+
+def preprocess_file(path: str, cfg: DataConfig) -> np.ndarray:
+    """One image file with the eval preprocessing, float32 [size, size, 3]."""
+    try:
+        image = T.decode(tf.io.read_file(path))
+        return T.normalize(T.eval_view(image, cfg.image_size, cfg.crop_ratio)).numpy()
+    except tf.errors.OpError as e:
+        raise DataError(f"cannot read image {path}: {e.message.splitlines()[0]}") from None

@@ -30,12 +30,21 @@ def param_dtype_for(dtype: Any) -> Any:
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def _dense_bias_init(fan_in: int):
+def dense_bias_init(fan_in: int):
+    """torch.nn.Linear's bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): needs the fan-in."""
+
     def init(key, shape, dtype=jnp.float32):
         bound = 1.0 / jnp.sqrt(fan_in)
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
+
+
+def classifier(num_classes: int, fan_in: int, dtype: Any = jnp.float32,
+               name: str | None = "fc") -> nn.Dense:
+    """The head, initialised as torch.nn.Linear; also used to re-initialise a loaded head."""
+    return nn.Dense(num_classes, dtype=dtype, param_dtype=param_dtype_for(dtype),
+                    kernel_init=dense_init, bias_init=dense_bias_init(fan_in), name=name)
 
 
 class BatchNorm(nn.Module):
@@ -180,7 +189,5 @@ class ResNet(nn.Module):
                 x = self.block(planes, stride, self.groups, self.width_per_group, self.dtype,
                                train, axis_name, name=f"layer{stage}_{i}")(x)
         x = x.mean(axis=(1, 2))
-        fan_in = x.shape[-1]
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=param_dtype_for(self.dtype),
-                     kernel_init=dense_init, bias_init=_dense_bias_init(fan_in), name="fc")(x)
+        x = classifier(self.num_classes, x.shape[-1], self.dtype)(x)
         return x.astype(jnp.promote_types(x.dtype, jnp.float32))

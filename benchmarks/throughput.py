@@ -46,7 +46,7 @@ import optax
 from benchmarks import cache, peaks, torch_loop
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-QUICK = dict(model="resnet18", image_size=64, batch_size=8, steps=4, warmup=1, rounds=2)
+QUICK = dict(model="resnet18", image_size=64, batch_size=4, steps=4, warmup=1, rounds=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,18 +102,15 @@ class JaxLoop:
 
     name = "jaxsft"
 
-    def __init__(self, s: Settings, devices: list[jax.Device], cache_dir: Path | None) -> None:
+    def __init__(self, s: Settings, devices: list[jax.Device], cache_dir: Path | None,
+                 variables: dict[str, Any] | None = None) -> None:
         from jaxsft import TrainState, create_model, steps
 
         self.devices = devices
         self.dtype = s.dtype
         model = create_model(s.model, num_classes=s.num_classes, dtype=DTYPES[s.dtype])
         t0 = time.perf_counter()
-        init = jax.jit(functools.partial(model.init, train=False))
-        # The model's own initialisers; the "rbg" bit generator compiles 2-3x faster on the
-        # CPU than the default threefry, and the values do not change the timings.
-        variables = init(jax.random.key(s.seed, impl="rbg"),
-                         jnp.zeros((1, s.image_size, s.image_size, 3), jnp.float32))
+        variables = variables or init_variables(model, s)
         state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                                   batch_stats=variables["batch_stats"],
                                   tx=optax.sgd(s.lr, momentum=s.momentum))
@@ -166,6 +163,17 @@ class JaxLoop:
             "compiled_memory_bytes": self.memory_plan,
             "dtype": self.dtype,
         }
+
+
+def init_variables(model: Any, s: Settings) -> dict[str, Any]:
+    """The model's own initialisers, run once on the default device.
+
+    The "rbg" bit generator compiles 2-3x faster on the CPU than the default threefry; the
+    values do not change the timings.
+    """
+    init = jax.jit(functools.partial(model.init, train=False))
+    return init(jax.random.key(s.seed, impl="rbg"),
+                jnp.zeros((1, s.image_size, s.image_size, 3), jnp.float32))
 
 
 def synthetic_batch(s: Settings, devices: list[jax.Device]) -> dict[str, jax.Array]:
@@ -298,56 +306,80 @@ def mfu(flops: float | None, step_s: float, peak: float | None) -> float | None:
 # ------------------------------------------------------------------------- the run
 
 
+class BenchmarkError(ValueError):
+    """A setting this machine cannot run; the message names the fix."""
+
+
 def run(s: Settings, argv: Sequence[str] = (), say=print) -> dict[str, Any]:
     """Builds, compiles, times and compares; returns the JSON-ready result."""
     cache_dir = cache.enable_compilation_cache(s.cache_dir) if s.use_cache else None
     devices = pick_devices(s.devices)
     backend = devices[0].platform
     load_before = os.getloadavg()
-    say(f"jaxsft {s.model} {s.image_size}x{s.image_size}, batch {s.batch_size}/device on "
-        f"{len(devices)} {devices[0].device_kind} device(s), {s.dtype}, BN {s.bn}: compiling")
-    jax_loop = JaxLoop(s, devices, cache_dir)
-    say(f"  lower {jax_loop.lower_s:.1f}s, compile {jax_loop.compile_s:.1f}s "
-        f"(cache {jax_loop.cache_state})")
+    jax_loop = build_jax_loop(s, devices, cache_dir, say)
     runners: list[Runner] = [jax_loop]
     notes = list(s.notes)
     torch_device, why_not = torch_device_for(backend, len(devices), s)
     if torch_device is None:
         notes.append(f"no PyTorch baseline: {why_not}")
     else:
-        variants = s.torch_variants or torch_loop.default_variants(torch_device)
-        for v in variants:
+        for v in s.torch_variants or torch_loop.default_variants(torch_device):
             runners.append(torch_loop.TorchLoop(
                 v, model=s.model, num_classes=s.num_classes, image_size=s.image_size,
                 batch_size=s.batch_size, bn_mode=s.bn, lr=s.lr, momentum=s.momentum,
                 device=torch_device, seed=s.seed))
     blocks = measure(runners, s, say)
     load_after = os.getloadavg()
-
-    peak = s.peak_tflops
     results = {}
     for r in runners:
-        steps_s = [t for b in blocks[r.name] for t in b]
-        info = r.describe()
-        dtype = info["dtype"]
-        stats = summarize(steps_s)
-        r_peak = peak if peak is not None else (
-            None if backend == "cpu" else peaks.peak_tflops(devices[0].device_kind, dtype))
-        global_batch = s.batch_size * (len(devices) if r is jax_loop else 1)
-        results[r.name] = {
-            **info,
-            "images_per_s": global_batch / (stats["median"] / 1e3),
-            "images_per_s_mean": global_batch / (stats["mean"] / 1e3),
-            "ms_per_step": stats,
-            "ms_per_step_per_round": [1e3 * statistics.median(b) for b in blocks[r.name]],
-            "mfu": mfu(jax_loop.flops, stats["median"] / 1e3, r_peak),
-            "peak_tflops": r_peak,
-            "peak_memory_bytes": r.peak_memory_bytes(),
-            "last_loss": r.loss(),
-        }
-    notes += automatic_notes(s, backend, len(devices), load_before, load_after, peak)
+        n = len(devices) if r is jax_loop else 1
+        results[r.name] = entry(r, blocks[r.name], s.batch_size * n, jax_loop.flops,
+                                s.peak_tflops, devices[0].device_kind)
+    notes += automatic_notes(s, backend, len(devices), load_before, load_after)
     return {
-        "command": "python -m benchmarks.throughput " + shlex.join(argv),
+        **context("throughput", argv, s, devices, cache_dir),
+        "load_average": {"before": load_before, "after": load_after},
+        "results": results,
+        "ratios": ratios(blocks),
+        "notes": notes,
+    }
+
+
+def build_jax_loop(s: Settings, devices: list[jax.Device], cache_dir: Path | None,
+                   say=print, variables: dict[str, Any] | None = None) -> JaxLoop:
+    say(f"jaxsft {s.model} {s.image_size}x{s.image_size}, batch {s.batch_size}/device on "
+        f"{len(devices)} {devices[0].device_kind} device(s), {s.dtype}, BN {s.bn}: compiling")
+    loop = JaxLoop(s, devices, cache_dir, variables)
+    say(f"  init {loop.init_s:.1f}s, lower {loop.lower_s:.1f}s, compile {loop.compile_s:.1f}s "
+        f"(cache {loop.cache_state})")
+    return loop
+
+
+def entry(r: Runner, blocks: list[list[float]], global_batch: int, flops: float | None,
+          peak: float | None, device_kind: str) -> dict[str, Any]:
+    """One runner's figures. `flops` (per device and step) come from the compiled JAX step:
+    the same model and shapes, so they serve the torch variants' MFU too."""
+    info = r.describe()
+    stats = summarize([t for b in blocks for t in b])
+    peak = peak if peak is not None else peaks.peak_tflops(device_kind, info["dtype"])
+    return {
+        **info,
+        "images_per_s": global_batch / (stats["median"] / 1e3),
+        "images_per_s_mean": global_batch / (stats["mean"] / 1e3),
+        "ms_per_step": stats,
+        "ms_per_step_per_round": [1e3 * statistics.median(b) for b in blocks],
+        "mfu": mfu(flops, stats["median"] / 1e3, peak),
+        "peak_tflops": peak,
+        "peak_memory_bytes": r.peak_memory_bytes(),
+        "last_loss": r.loss(),
+    }
+
+
+def context(prog: str, argv: Sequence[str], s: Settings, devices: list[jax.Device],
+            cache_dir: Path | None) -> dict[str, Any]:
+    """What a result file needs to be reproduced and compared: command, date, setup."""
+    return {
+        "command": f"python -m benchmarks.{prog} " + shlex.join(argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {**dataclasses.asdict(s), "devices": len(devices),
                      "global_batch": s.batch_size * len(devices),
@@ -356,11 +388,7 @@ def run(s: Settings, argv: Sequence[str] = (), say=print) -> dict[str, Any]:
                      "compilation_cache_dir": str(cache_dir) if cache_dir else None},
         "hardware": hardware(devices),
         "versions": versions(),
-        "load_average": {"before": load_before, "after": load_after},
         "imported_tensorflow": "tensorflow" in sys.modules,
-        "results": results,
-        "ratios": ratios(blocks),
-        "notes": notes,
     }
 
 
@@ -371,8 +399,8 @@ def pick_devices(n: int | None) -> list[jax.Device]:
     if n < 1 or n > len(local):
         hint = (" (on the CPU, start with XLA_FLAGS=--xla_force_host_platform_device_count="
                 f"{n}, as benchmarks.scaling does)" if local[0].platform == "cpu" else "")
-        raise SystemExit(f"--devices {n}: this machine has {len(local)} "
-                         f"{local[0].platform} device(s){hint}")
+        raise BenchmarkError(f"--devices {n}: this machine has {len(local)} "
+                             f"{local[0].platform} device(s){hint}")
     return local[:n]
 
 
@@ -396,12 +424,12 @@ def torch_device_for(backend: str, n_devices: int, s: Settings) -> tuple[str | N
 
 
 def automatic_notes(s: Settings, backend: str, n: int, before: Sequence[float],
-                    after: Sequence[float], peak: float | None) -> list[str]:
+                    after: Sequence[float]) -> list[str]:
     notes = []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if backend == "cpu":
-        notes.append("CPU: MFU only with --peak-tflops" if peak is None else
-                     f"CPU: MFU against the given peak of {peak} TFLOP/s")
+        notes.append("CPU: MFU only with --peak-tflops" if s.peak_tflops is None else
+                     f"CPU: MFU against the given peak of {s.peak_tflops} TFLOP/s")
         if max(*before, *after) > 0.75 * (cores or 1):
             notes.append(f"shared CPU: load average {before[0]:.1f} before and {after[0]:.1f} "
                          f"after on {cores} cores, so absolute times are noisy; the per-round "
@@ -605,7 +633,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # jax and torch share one GPU: keep JAX from preallocating 75% of its memory.
     if s.torch:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-    result = run(s, argv)
+    try:
+        result = run(s, argv)
+    except BenchmarkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_table(result))
     if json_path:
         write_json(result, json_path)

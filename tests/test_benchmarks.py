@@ -1,0 +1,157 @@
+"""Smoke tests of the benchmark harness (benchmarks/): it runs, and its figures are computed
+from what it measured. Nothing here asserts a timing: the machine is shared."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import cache, peaks, scaling, throughput
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> dict:
+    """`python -m benchmarks.throughput --quick` in a fresh process, its JSON parsed."""
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--quick", "--no-cache",
+           "--peak-tflops", "1.0", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "jaxsft" in proc.stdout and "torch" in proc.stdout  # the printed table
+    return json.loads(out.read_text())
+
+
+def test_quick_mode_writes_the_documented_fields(quick):
+    for key in ("command", "date", "settings", "hardware", "versions", "results", "ratios",
+                "notes", "load_average"):
+        assert key in quick
+    assert quick["command"].startswith("python -m benchmarks.throughput --quick")
+    assert quick["settings"]["model"] == "resnet18" and quick["settings"]["image_size"] == 64
+    assert quick["hardware"]["platform"] == "cpu"
+    assert quick["versions"]["jax"] and quick["versions"]["torch"]
+    # The synthetic path runs where TensorFlow is absent: it never imports it.
+    assert quick["imported_tensorflow"] is False
+    assert list(quick["results"]) == ["jaxsft", "torch", "torch-cl"]
+    jax_r = quick["results"]["jaxsft"]
+    assert jax_r["compile_s"] > 0 and jax_r["lower_s"] > 0
+    assert jax_r["compilation_cache"] == "off"
+    assert jax_r["compiled_memory_bytes"]["argument"] > 0
+    for r in quick["results"].values():
+        assert r["ms_per_step"]["n"] == quick["settings"]["steps"]
+        assert len(r["ms_per_step_per_round"]) == quick["settings"]["rounds"]
+        assert r["last_loss"] == r["last_loss"]  # finite training, not NaN
+
+
+def test_figures_follow_from_the_measured_times(quick):
+    s = quick["settings"]
+    for r in quick["results"].values():
+        ms = r["ms_per_step"]
+        assert ms["min"] <= ms["q1"] <= ms["median"] <= ms["q3"] <= ms["max"]
+        assert r["images_per_s"] == pytest.approx(s["batch_size"] / (ms["median"] / 1e3))
+        # MFU = the compiled step's FLOPs per second over the given peak (1 TFLOP/s).
+        flops = quick["results"]["jaxsft"]["flops_per_device_step"]
+        assert r["mfu"] == pytest.approx(flops / (ms["median"] / 1e3) / 1e12)
+    jax_rounds = quick["results"]["jaxsft"]["ms_per_step_per_round"]
+    for name, ratio in quick["ratios"].items():
+        other = quick["results"][name]["ms_per_step_per_round"]
+        expected = [o / j for o, j in zip(other, jax_rounds)]
+        assert ratio["per_round"] == pytest.approx(expected)
+        assert ratio["median"] == pytest.approx(statistics.median(expected))
+        assert ratio["min"] <= ratio["median"] <= ratio["max"]
+
+
+def test_flop_count_matches_torchs_count_of_the_same_step(quick):
+    """XLA's count of the compiled step against torch's FlopCounterMode on the seed's step.
+
+    XLA does not count multiply-adds that fall on convolution padding, which at 64x64
+    (2x2 maps in layer4) is a fifth of torch's dense count; a count of the forward pass only,
+    or of several devices, would be off by a factor of 2 or more.
+    """
+    import torch
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s = quick["settings"]
+    model = torchvision.models.resnet18(num_classes=s["num_classes"])
+    x = torch.randn(s["batch_size"], 3, s["image_size"], s["image_size"])
+    y = torch.randint(0, s["num_classes"], (s["batch_size"],))
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    ratio = quick["results"]["jaxsft"]["flops_per_device_step"] / counter.get_total_flops()
+    assert 0.6 < ratio < 1.2
+
+
+def test_scaling_runs_each_device_count_and_measures_efficiency():
+    s, _ = throughput.parse_args(["--quick", "--no-torch", "--no-cache", "--image-size", "32",
+                                  "--batch-size", "2", "--steps", "2", "--rounds", "1",
+                                  "--warmup", "0"])
+    result = scaling.run(s, [1, 2], say=lambda *_: None)
+    runs = {r["devices"]: r for r in result["runs"]}
+    assert sorted(runs) == [1, 2]
+    assert runs[2]["efficiency"] == pytest.approx(
+        runs[2]["images_per_s"] / (2 * runs[1]["images_per_s"]))
+    assert runs[1]["efficiency"] == pytest.approx(1.0)
+    # FLOPs are per device: the same per-device batch costs the same on 1 and 2 devices.
+    assert runs[2]["flops_per_device_step"] == pytest.approx(
+        runs[1]["flops_per_device_step"], rel=0.05)
+    assert any("functional check" in n for n in result["notes"])
+
+
+def test_scaling_default_counts():
+    assert scaling.default_counts(1) == [1]
+    assert scaling.default_counts(4) == [1, 2, 4]
+    assert scaling.default_counts(6) == [1, 2, 4, 6]
+
+
+def test_too_many_devices_names_the_fix():
+    with pytest.raises(throughput.BenchmarkError, match="xla_force_host_platform_device_count"):
+        throughput.pick_devices(64)
+
+
+def test_peaks_table():
+    assert peaks.peak_tflops("NVIDIA H200", "bf16") == pytest.approx(989.4)
+    assert peaks.peak_tflops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.0)
+    assert peaks.peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == pytest.approx(156.0)
+    assert peaks.peak_tflops("TPU v5 lite", "bf16") == pytest.approx(197.0)
+    assert peaks.peak_tflops("Tesla V100-SXM2-16GB", "bf16") is None  # no bf16 units
+    assert peaks.peak_tflops("cpu", "fp32") is None
+
+
+def test_compilation_cache_stores_and_reuses_executables(tmp_path):
+    """Two fresh processes compile the same function: the first writes, the second hits."""
+    script = (
+        "import sys, jax, jax.numpy as jnp\n"
+        "from benchmarks import cache\n"
+        "d = cache.enable_compilation_cache(sys.argv[1])\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "before = cache.cache_entries(d)\n"
+        "jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((64, 64))).block_until_ready()\n"
+        "print(before, cache.cache_entries(d))\n"
+    )
+    counts = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "c")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0, proc.stderr
+        counts.append(tuple(int(v) for v in proc.stdout.split()))
+    (b1, a1), (b2, a2) = counts
+    assert b1 == 0 and a1 > 0  # the first process wrote its executable
+    assert b2 == a1 and a2 == b2  # the second found it and wrote nothing new
+
+
+def test_default_cache_dir_is_in_the_users_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv(cache.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache.default_cache_dir() == tmp_path / "jaxsft" / "jax-cache"
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "mine"))
+    assert cache.default_cache_dir() == tmp_path / "mine"

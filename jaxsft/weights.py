@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +43,15 @@ __all__ = [
     "cache_path",
     "default_cache_dir",
     "fetch",
+    "file_sha256",
     "from_torch_state_dict",
     "infer_arch",
     "load_weights",
+    "read_converted_metadata",
     "read_state_dict",
     "resolve_source",
     "save_torch_state_dict",
+    "temp_sibling",
     "to_torch_state_dict",
     "torchvision_url",
 ]
@@ -132,18 +135,18 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], arch: str,
     _check_arch(arch)
     sd = {k: _to_numpy(v, k, origin) for k, v in _unwrap(state_dict, origin).items()
           if not k.endswith("num_batches_tracked")}
-    file_classes = _file_classes(sd, origin)
+    file_classes = _file_classes(sd)
     layout = _layout(arch, file_classes or 1000)
-    fan_in = layout["fc.weight"][3][1]
+    fan_in = layout["fc.weight"].shape[1]
     if file_classes is None:  # a headless backbone: the head must be initialised
         layout = {k: v for k, v in layout.items() if not k.startswith("fc.")}
     _check_tensors(sd, layout, arch, origin)
     variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
-    for key, (collection, path, kind, _) in layout.items():
-        value = _from_torch(sd[key], kind)
+    for key, slot in layout.items():
+        value = _from_torch(sd[key], slot.kind)
         # A copy: on the CPU, jnp.asarray may alias the buffer of a torch tensor, which
         # torch then updates in place (running statistics in train mode).
-        _set(variables[collection], path, jnp.array(value, _jax_dtype(value.dtype, dtype),
+        _set(variables[slot.collection], slot.path, jnp.array(value, _jax_dtype(value.dtype, dtype),
                                                     copy=True))
     if num_classes is not None or file_classes is None:
         _replace_head(variables, fan_in, file_classes, num_classes, rng, origin)
@@ -158,8 +161,8 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """
     if not isinstance(variables, Mapping) or set(variables) != {"params", "batch_stats"}:
         raise WeightsError("expected ResNet variables {'params': ..., 'batch_stats': ...}")
-    out: dict[str, np.ndarray] = {}
-    _walk_modules(variables["params"], variables["batch_stats"], (), out)
+    out = _torch_tensors(variables)
+    _check_export(out)
     return out
 
 
@@ -190,6 +193,30 @@ def save_torch_state_dict(variables: Mapping[str, Any], path: str | os.PathLike)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def resolve_source(source: str | os.PathLike, arch: str, *,
+                   cache_dir: str | os.PathLike | None = None,
+                   sha256: str | None = None) -> Path:
+    """The local file or directory behind `source`, downloading URLs into the cache."""
+    text = os.fspath(source)
+    if Path(text).exists():
+        return Path(text)
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):", text)
+    if scheme is None:
+        raise WeightsError(f"weights file {text} does not exist; pass {_SOURCES_HELP}")
+    name = scheme.group(1).lower()
+    if name == "torchvision":
+        spec = text[len("torchvision:"):]
+        url = torchvision_url(spec)
+        held = spec.partition(".")[0]
+        if held != arch:
+            raise WeightsError(f"{text} holds {held} weights, not {arch}: pass arch='{held}'")
+        return fetch(url, cache_dir=cache_dir, sha256=sha256)
+    if name in URL_SCHEMES and text[len(name):].startswith("://"):
+        return fetch(text, cache_dir=cache_dir, sha256=sha256)
+    raise WeightsError(f"unknown weights source scheme {name + ':'!r} in {text}; pass "
+                       f"{_SOURCES_HELP}")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -326,36 +353,7 @@ def read_converted_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-# ----------------------------------------------------------------------------- sources
-
-
-def _check_arch(arch: str) -> None:
-    if arch not in ARCHITECTURES:
-        raise WeightsError(f"unknown architecture {arch!r}; known: {', '.join(list_models())}")
-
-
-def resolve_source(source: str | os.PathLike, arch: str, *,
-                   cache_dir: str | os.PathLike | None = None,
-                   sha256: str | None = None) -> Path:
-    """The local file or directory behind `source`, downloading URLs into the cache."""
-    text = os.fspath(source)
-    if Path(text).exists():
-        return Path(text)
-    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):", text)
-    if scheme is None:
-        raise WeightsError(f"weights file {text} does not exist; pass {_SOURCES_HELP}")
-    name = scheme.group(1).lower()
-    if name == "torchvision":
-        spec = text[len("torchvision:"):]
-        url = torchvision_url(spec)
-        held = spec.partition(".")[0]
-        if held != arch:
-            raise WeightsError(f"{text} holds {held} weights, not {arch}: pass arch='{held}'")
-        return fetch(url, cache_dir=cache_dir, sha256=sha256)
-    if name in URL_SCHEMES and text[len(name):].startswith("://"):
-        return fetch(text, cache_dir=cache_dir, sha256=sha256)
-    raise WeightsError(f"unknown weights source scheme {name + ':'!r} in {text}; pass "
-                       f"{_SOURCES_HELP}")
+# ----------------------------------------------------------------------------- downloads
 
 
 def _download(url: str, out: Any) -> str:
@@ -409,7 +407,7 @@ def _read_converted(path: Path, arch: str) -> dict[str, np.ndarray]:
     except (OSError, ValueError, KeyError) as e:
         raise WeightsError(f"cannot read the checkpoint in {path} ({e}); convert the weights "
                            "again") from e
-    return to_torch_state_dict(variables)
+    return _torch_tensors(variables)  # load_weights checks them
 
 
 # ----------------------------------------------------------------------------- file reading
@@ -472,16 +470,30 @@ def _numpy_to_torch(torch: Any, value: np.ndarray) -> Any:
 # ----------------------------------------------------------------------------- mapping
 
 
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise WeightsError(f"unknown architecture {arch!r}; known: {', '.join(list_models())}")
+
+
 def _torch_name(path: tuple[str, ...]) -> str:
     """("layer1_0", "downsample_1") -> "layer1.0.downsample.1"."""
     return ".".join(re.sub(r"_(\d+)$", r".\1", part) for part in path)
+
+
+class _Slot(NamedTuple):
+    """Where one torch tensor goes in the Flax variables, and how."""
+
+    collection: str  # "params" or "batch_stats"
+    path: tuple[str, ...]  # module names, then the leaf name
+    kind: str  # "conv" (OIHW <-> HWIO), "dense" (transpose) or "copy"
+    shape: tuple[int, ...]  # torch's shape
 
 
 _TORCH_LEAF = MappingProxyType({"kernel": "weight", "scale": "weight", "bias": "bias",
                                 "mean": "running_mean", "var": "running_var"})
 
 
-def _layout(arch: str, num_classes: int) -> dict[str, tuple[str, tuple[str, ...], str, tuple]]:
+def _layout(arch: str, num_classes: int) -> dict[str, _Slot]:
     """torch key -> (collection, Flax path, kind, torch shape) for every model variable."""
     model = create_model(arch, num_classes)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
@@ -493,7 +505,7 @@ def _layout(arch: str, num_classes: int) -> dict[str, tuple[str, tuple[str, ...]
             torch_leaf = _TORCH_LEAF[leaf_name]
             kind = {4: "conv", 2: "dense"}[leaf.ndim] if leaf_name == "kernel" else "copy"
             key = f"{_torch_name(module)}.{torch_leaf}"
-            layout[key] = (collection, names, kind, _torch_shape(leaf.shape, kind))
+            layout[key] = _Slot(collection, names, kind, _torch_shape(leaf.shape, kind))
     return layout
 
 
@@ -535,7 +547,7 @@ def _jax_dtype(file_dtype: np.dtype, dtype: Any) -> Any:
     return jax.dtypes.canonicalize_dtype(file_dtype)
 
 
-def _file_classes(sd: Mapping[str, np.ndarray], origin: str) -> int | None:
+def _file_classes(sd: Mapping[str, np.ndarray]) -> int | None:
     """Classes of the file's head, from fc.weight; None for a file with no head at all."""
     weight, bias = sd.get("fc.weight"), sd.get("fc.bias")
     if weight is None and bias is None:
@@ -547,7 +559,7 @@ def _file_classes(sd: Mapping[str, np.ndarray], origin: str) -> int | None:
     return 1000  # a malformed head: the shape check names it
 
 
-def _check_tensors(sd: Mapping[str, np.ndarray], layout: Mapping[str, tuple], arch: str,
+def _check_tensors(sd: Mapping[str, np.ndarray], layout: Mapping[str, _Slot], arch: str,
                    origin: str) -> None:
     """Raise one WeightsError naming the first unexplained tensor, or the file's real arch."""
     held = infer_arch(sd)
@@ -555,7 +567,7 @@ def _check_tensors(sd: Mapping[str, np.ndarray], layout: Mapping[str, tuple], ar
         raise WeightsError(f"{origin} holds {held} weights, not {arch}: pass arch='{held}'")
     missing = [k for k in layout if k not in sd]
     unexpected = [k for k in sd if k not in layout]
-    misshapen = [k for k in layout if k in sd and tuple(sd[k].shape) != layout[k][3]]
+    misshapen = [k for k in layout if k in sd and tuple(sd[k].shape) != layout[k].shape]
     if not (missing or unexpected or misshapen):
         return
     problems = []
@@ -566,7 +578,7 @@ def _check_tensors(sd: Mapping[str, np.ndarray], layout: Mapping[str, tuple], ar
     if misshapen:
         k = misshapen[0]
         problems.append(f"tensor {k!r} has shape {tuple(sd[k].shape)}, {arch} needs "
-                        f"{layout[k][3]}" + (f" (and {len(misshapen) - 1} more misshapen)"
+                        f"{layout[k].shape}" + (f" (and {len(misshapen) - 1} more misshapen)"
                                               if len(misshapen) > 1 else ""))
     raise WeightsError(f"{origin} does not fit {arch}: {'; '.join(problems)}. "
                        f"{_held_description(sd)}")
@@ -633,33 +645,53 @@ def _replace_head(variables: dict, fan_in: int, file_classes: int | None,
     params["fc"] = jax.tree.map(lambda x: x.astype(dtype), new)
 
 
+def _check_export(sd: Mapping[str, np.ndarray]) -> None:
+    """Exported tensors must form a known architecture, every shape as torchvision's."""
+    held = infer_arch(sd)
+    if held is None or "fc.weight" not in sd:
+        raise WeightsError(f"these variables are not those of a jaxsft ResNet. "
+                           f"{_held_description(sd)}")
+    tensors = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    _check_tensors(tensors, _layout(held, sd["fc.weight"].shape[0]), held, "the variables")
+
+
+def _torch_tensors(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    _walk_modules(variables["params"], variables["batch_stats"], (), out)
+    return out
+
+
 def _walk_modules(params: Mapping[str, Any], stats: Mapping[str, Any],
                   path: tuple[str, ...], out: dict[str, np.ndarray]) -> None:
     """Flax module tree -> torch keys, recursively; BatchNorm modules carry their stats."""
     name = _torch_name(path)
     if "scale" in params:  # BatchNorm
-        try:
-            out[f"{name}.weight"] = _np(params["scale"])
-            out[f"{name}.bias"] = _np(params["bias"])
-            out[f"{name}.running_mean"] = _np(stats["mean"])
-            out[f"{name}.running_var"] = _np(stats["var"])
-        except KeyError as e:
-            raise WeightsError(f"BatchNorm {'/'.join(path)} lacks {e}; not ResNet "
-                               "variables") from e
+        if not {"mean", "var"} <= set(stats):
+            raise WeightsError(f"BatchNorm {'/'.join(path)} has no running statistics; pass "
+                               "{'params': ..., 'batch_stats': ...} of a jaxsft ResNet")
+        for leaf, value in (("weight", params["scale"]), ("bias", params["bias"]),
+                            ("running_mean", stats["mean"]), ("running_var", stats["var"])):
+            out[f"{name}.{leaf}"] = _np(value, (1,), path)
         out[f"{name}.num_batches_tracked"] = np.zeros((), np.int64)
     elif "kernel" in params:
-        kernel = _np(params["kernel"])
+        kernel = _np(params["kernel"], (2, 4), path)
         out[f"{name}.weight"] = np.ascontiguousarray(
             np.transpose(kernel, (3, 2, 0, 1)) if kernel.ndim == 4 else kernel.T)
         if "bias" in params:
-            out[f"{name}.bias"] = _np(params["bias"])
+            out[f"{name}.bias"] = _np(params["bias"], (1,), path)
     else:
         for key, sub in params.items():
             if not isinstance(sub, Mapping):
-                raise WeightsError(f"unexpected variable {'/'.join((*path, key))}; not "
-                                   "ResNet variables")
+                raise WeightsError(f"unexpected variable {'/'.join((*path, key))}; pass "
+                                   "{'params': ..., 'batch_stats': ...} of a jaxsft ResNet")
             _walk_modules(sub, stats.get(key, {}), (*path, key), out)
 
 
-def _np(x: Any) -> np.ndarray:
-    return np.array(x, copy=True)
+def _np(x: Any, ndims: tuple[int, ...], path: tuple[str, ...]) -> np.ndarray:
+    """A copy as numpy, with the rank a ResNet variable has (a pmap-replicated one has +1)."""
+    value = np.array(x, copy=True)
+    if value.ndim not in ndims:
+        raise WeightsError(f"variable {'/'.join(path)} has shape {value.shape}, not those of a "
+                           "jaxsft ResNet; after pmap, pass unreplicated variables "
+                           "(jaxsft.steps.unreplicate)")
+    return value

@@ -410,3 +410,15 @@ def test_save_torch_state_dict_files_load_in_torchvision(resnet18_pth, tmp_path)
                                                                         "out.safetensors"]
     with pytest.raises(WeightsError, match=r"use a \.safetensors or \.pth"):
         save_torch_state_dict(variables, tmp_path / "out.npz")
+
+
+def test_export_refuses_replicated_or_foreign_variables(resnet18_pth):
+    variables = load_weights(resnet18_pth, "resnet18")
+    replicated = jax.tree.map(lambda x: jnp.stack([x, x]), variables)
+    with pytest.raises(WeightsError, match="pass unreplicated variables"):
+        to_torch_state_dict(replicated)
+    with pytest.raises(WeightsError, match="expected ResNet variables"):
+        to_torch_state_dict(variables["params"])
+    del variables["params"]["layer4_1"]
+    with pytest.raises(WeightsError, match="not those of a jaxsft ResNet"):
+        to_torch_state_dict(variables)

@@ -104,7 +104,8 @@ def initial_state(cfg: Config, plan: Plan) -> TrainState:
                                    steps_per_epoch=plan.steps_per_epoch,
                                    batch_size=cfg.data.batch_size)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables["batch_stats"], tx=tx, rng=state_rng)
+                             batch_stats=variables["batch_stats"], tx=tx,
+                             rng=jax.random.key_data(state_rng))  # raw keys checkpoint as-is
 
 
 def restore_or_init(cfg: Config, plan: Plan, manager) -> tuple[TrainState, str]:
@@ -150,20 +151,22 @@ def fit(cfg: Config) -> TrainState:
             f"device(s); {origin}")
         writer = _writers(workdir) if is_main else metrics.MultiWriter([])
         try:
-            state = _train_loop(cfg, plan, state, manager, writer, say)
+            state, skipped = _train_loop(cfg, plan, state, manager, writer, say)
         finally:
             writer.close()
             manager.wait_until_finished()
     finally:
         manager.close()
     if is_main:
-        summary = _summarize(workdir, wall_s=time.perf_counter() - started)
+        summary = _summarize(workdir, wall_s=time.perf_counter() - started, skipped=skipped)
         metrics.plot_curves(workdir / METRICS_FILE, workdir / PLOT_FILE)
         say(_summary_line(summary) + f"\nplot: {workdir / PLOT_FILE}")
     return state
 
 
-def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer, say) -> TrainState:
+def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
+                say) -> tuple[TrainState, int]:
+    """Steps from state.step to plan.total_steps; returns (state, unreadable images skipped)."""
     _, schedule = optim.create_optimizer(cfg.optim, total_steps=plan.total_steps,
                                          steps_per_epoch=plan.steps_per_epoch,
                                          batch_size=cfg.data.batch_size)
@@ -174,10 +177,10 @@ def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer, say
     start = int(state.step)
     if start >= plan.total_steps:
         say(f"already trained for {start} steps (of {plan.total_steps}); nothing to do")
-        return state
+        return state, 0
     rstate = steps.replicate(state)
-    batches = data.device_prefetch(
-        data.train_batches(cfg.data, seed=cfg.run.seed, start_step=start))
+    train_batches = data.train_batches(cfg.data, seed=cfg.run.seed, start_step=start)
+    batches = data.device_prefetch(train_batches)
     meta = {"config": json.loads(cfg.to_json()), "class_names": list(plan.info.class_names),
             "num_classes": plan.num_classes}
     clock = _Throughput()
@@ -223,7 +226,7 @@ def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer, say
                     bar.close()
                 manager.wait_until_finished()
                 raise Preempted(stop.signal_name, step)
-    return steps.unreplicate(rstate)
+    return steps.unreplicate(rstate), train_batches.skipped.count
 
 
 def run_eval(eval_step, rstate, cfg: Config) -> dict[str, float]:
@@ -282,13 +285,13 @@ def _writers(workdir: Path) -> metrics.MultiWriter:
                                 metrics.TensorBoardWriter(workdir / "tensorboard")])
 
 
-def _summarize(workdir: Path, wall_s: float) -> dict[str, Any]:
+def _summarize(workdir: Path, wall_s: float, skipped: int) -> dict[str, Any]:
     """Best and last eval, throughput, and this invocation's wall time; saved as JSON."""
     rows = metrics.read_jsonl(workdir / METRICS_FILE)
     evals = [r for r in rows if r["split"] == "eval"]
     train = [r for r in rows if r["split"] == "train"]
     summary: dict[str, Any] = {"steps": max((r["step"] for r in rows), default=0),
-                               "wall_s": round(wall_s, 1)}
+                               "wall_s": round(wall_s, 1), "skipped_images": skipped}
     if evals:
         best = max(evals, key=lambda r: r["top1"])
         summary.update(best_top1=best["top1"], best_top5=best["top5"], best_step=best["step"],
@@ -306,6 +309,8 @@ def _summary_line(s: dict[str, Any]) -> str:
                      f"top-5 {100 * s['best_top5']:.2f}%; last top-1 {100 * s['last_top1']:.2f}%")
     if "images_per_s" in s:
         parts.append(f"{s['images_per_s']:,.1f} images/s")
+    if s["skipped_images"]:
+        parts.append(f"{s['skipped_images']} unreadable images skipped (see the warnings)")
     return "; ".join(parts)
 
 

@@ -1,0 +1,173 @@
+"""The product end to end: train, resume, evaluate, predict, and every way a run can fail."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxsft import checkpoint, predict
+from jaxsft.config import Config, ConfigError
+from jaxsft.trainer import CHECKPOINT_DIR, TrainingError, evaluate, fit
+
+CLASSES = ("circle", "square", "stripes")
+SIZE = 16
+
+
+def _draw(kind: str, rng: np.random.Generator) -> np.ndarray:
+    img = rng.integers(0, 60, (24, 24, 3)).astype(np.uint8)
+    yy, xx = np.mgrid[:24, :24]
+    if kind == "circle":
+        img[(yy - 12) ** 2 + (xx - 12) ** 2 < 60] = 230
+    elif kind == "square":
+        img[6:18, 6:18] = 230
+    else:
+        img[::4] = 230
+    return img
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """root/{train,test}/<class>/*.png: 12 train and 5 test images per class."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 5)):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(_draw(c, rng)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def small_config(folder: Path, workdir: Path, **overrides) -> Config:
+    base = dict(model="resnet18", dataset=f"folder:{folder}", image_size=SIZE, augment="light",
+                batch_size=8, lr=0.05, steps=8, log_every=1, workdir=str(workdir))
+    return Config().replace(**{**base, **overrides})
+
+
+def cli(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def flags(cfg: Config) -> list[str]:
+    return ["--model", cfg.model.model, "--dataset", cfg.data.dataset,
+            "--image-size", str(cfg.data.image_size), "--augment", cfg.data.augment,
+            "--batch-size", str(cfg.data.batch_size), "--lr", str(cfg.optim.lr),
+            "--steps", str(cfg.run.steps), "--log-every", str(cfg.run.log_every),
+            "--workdir", cfg.run.workdir]
+
+
+def final_variables(workdir: Path):
+    variables, _ = checkpoint.restore_variables(workdir / CHECKPOINT_DIR, "latest")
+    return variables
+
+
+def test_fit_evaluate_predict_on_an_image_folder(folder, tmp_path):
+    cfg = small_config(folder, tmp_path / "run", eval_every=4)
+    state = fit(cfg)
+    assert int(state.step) == 8
+    wd = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "curves.png", "summary.json"):
+        assert (wd / name).is_file(), name
+    assert any((wd / "tensorboard").iterdir())
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8] and all(r["count"] == 15 for r in evals)
+
+    result = evaluate(cfg, "latest")
+    assert result["count"] == 15 and result["step"] == 8
+    assert np.isclose(result["top1"], evals[-1]["top1"])
+
+    out = cli("jaxsft.evaluate", "--workdir", str(wd), "--checkpoint", "latest", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["count"] == 15
+
+    image = str(folder / "test" / "square" / "0.png")
+    top = predict.predict(str(wd), [image], "latest", top_k=2)[0]
+    assert len(top) == 2 and {name for name, _ in top} <= set(CLASSES)
+    assert top[0][1] >= top[1][1] and 0 < top[0][1] <= 1
+
+
+def test_fit_under_tfds_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    cfg = Config().replace(model="resnet18", dataset="cifar10", image_size=SIZE,
+                           augment="light", batch_size=8, steps=3, log_every=1,
+                           eval_batch_size=8, workdir=str(tmp_path / "run"))
+    with tfds.testing.mock_data(num_examples=20):
+        state = fit(cfg)
+        result = evaluate(cfg, "latest")
+    assert int(state.step) == 3
+    assert result["count"] == 20 and result["split"] == "test"
+
+
+def test_resume_after_sigterm_is_bit_exact(folder, tmp_path):
+    whole = small_config(folder, tmp_path / "whole", steps=14, checkpoint_every=1000)
+    stopped = small_config(folder, tmp_path / "stopped", steps=14, checkpoint_every=1000)
+    assert cli("jaxsft.train", *flags(whole)).returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "jaxsft.train", *flags(stopped)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_file = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM at step" in err and "rerun the same command" in err
+    k = json.loads(metrics_file.read_text().splitlines()[-1])["step"]
+    assert 3 <= k < 14, "the signal must land mid-run for this test to mean anything"
+
+    resumed = cli("jaxsft.train", *flags(stopped))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and f"at step {k}" in resumed.stdout
+
+    a, b = final_variables(tmp_path / "whole"), final_variables(tmp_path / "stopped")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    rows_a = [json.loads(line) for line in (tmp_path / "whole/metrics.jsonl").read_text()
+              .splitlines()]
+    rows_b = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    after = lambda rows: [{k2: v for k2, v in r.items() if k2 != "images_per_s"}  # noqa: E731
+                          for r in rows if r["step"] > k and r["split"] == "train"]
+    assert after(rows_a) == after(rows_b) and len(after(rows_b)) == 14 - k
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):
+    cfg = small_config(folder, tmp_path / "run", lr=1e30, steps=20, checkpoint_every=1)
+    with pytest.raises(TrainingError, match="non-finite.*Lower --lr"):
+        fit(cfg)
+    variables = final_variables(tmp_path / "run")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+
+
+def test_workdir_of_another_config_is_refused(folder, tmp_path):
+    fit(small_config(folder, tmp_path / "run", steps=1))
+    with pytest.raises(ConfigError, match="belongs to a different config"):
+        fit(small_config(folder, tmp_path / "run", steps=1, lr=0.5))
+
+
+@pytest.mark.parametrize("bad_flags, message", [
+    (["--weights", "/nonexistent/weights.pth"], "/nonexistent/weights.pth"),
+    (["--model", "resnet19"], "unknown --model 'resnet19'; known models: resnet101"),
+    (["--dataset", "no_such_dataset_xyz"], "no_such_dataset_xyz"),
+])
+def test_user_mistakes_fail_fast_with_exit_status_2(folder, tmp_path, bad_flags, message):
+    cfg = small_config(folder, tmp_path / "run", steps=1)
+    out = cli("jaxsft.train", *flags(cfg), *bad_flags, timeout=120)
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m jaxsft.train: error: ") and message in last
+    assert "Traceback" not in out.stderr
+

@@ -316,18 +316,21 @@ def run(s: Settings, argv: Sequence[str] = (), say=print) -> dict[str, Any]:
     devices = pick_devices(s.devices)
     backend = devices[0].platform
     load_before = os.getloadavg()
-    jax_loop = build_jax_loop(s, devices, cache_dir, say)
-    runners: list[Runner] = [jax_loop]
     notes = list(s.notes)
+    torch_runners: list[Runner] = []
     torch_device, why_not = torch_device_for(backend, len(devices), s)
     if torch_device is None:
         notes.append(f"no PyTorch baseline: {why_not}")
     else:
+        # Built before the JAX side: torchvision imported after TensorFlow (--pipeline)
+        # crashes the process (seen with torch 2.14 / tensorflow 2.21).
         for v in s.torch_variants or torch_loop.default_variants(torch_device):
-            runners.append(torch_loop.TorchLoop(
+            torch_runners.append(torch_loop.TorchLoop(
                 v, model=s.model, num_classes=s.num_classes, image_size=s.image_size,
                 batch_size=s.batch_size, bn_mode=s.bn, lr=s.lr, momentum=s.momentum,
                 device=torch_device, seed=s.seed))
+    jax_loop = build_jax_loop(s, devices, cache_dir, say)
+    runners: list[Runner] = [jax_loop, *torch_runners]
     blocks = measure(runners, s, say)
     load_after = os.getloadavg()
     results = {}

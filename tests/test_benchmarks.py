@@ -90,13 +90,19 @@ def test_flop_count_matches_torchs_count_of_the_same_step(quick):
     assert 0.6 < ratio < 1.2
 
 
-def test_scaling_runs_each_device_count_and_measures_efficiency():
-    s, _ = throughput.parse_args(["--quick", "--no-torch", "--no-cache", "--image-size", "32",
+def test_scaling_over_devices_fed_by_the_input_pipeline(tmp_path):
+    """Scaling over 1 and 2 (forced CPU) devices, with --pipeline: batches from jaxsft.data
+    (the offline digits set, prepared in tmp_path) laid out for each device count."""
+    s, _ = throughput.parse_args(["--quick", "--pipeline", "--data-dir", str(tmp_path),
+                                  "--no-torch", "--no-cache", "--image-size", "32",
                                   "--batch-size", "2", "--steps", "2", "--rounds", "1",
                                   "--warmup", "0"])
     result = scaling.run(s, [1, 2], say=lambda *_: None)
+    assert result["settings"]["data"] == "pipeline"
     runs = {r["devices"]: r for r in result["runs"]}
     assert sorted(runs) == [1, 2]
+    assert all(r["ms_per_step"]["n"] == 2 and r["last_loss"] == r["last_loss"]
+               for r in runs.values())
     assert runs[2]["efficiency"] == pytest.approx(
         runs[2]["images_per_s"] / (2 * runs[1]["images_per_s"]))
     assert runs[1]["efficiency"] == pytest.approx(1.0)
@@ -155,3 +161,4 @@ def test_default_cache_dir_is_in_the_users_cache(monkeypatch, tmp_path):
     assert cache.default_cache_dir() == tmp_path / "jaxsft" / "jax-cache"
     monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "mine"))
     assert cache.default_cache_dir() == tmp_path / "mine"
+

@@ -22,10 +22,12 @@ crop_ratio) + CenterCrop(size); bilinear with antialiasing; grayscale and RGBA -
 
 Reproducibility: `train_batches(cfg, seed=s, start_step=k)` yields exactly the batches that
 `start_step=0` yields from the k-th on, bit for bit, so a resumed run sees the data it would
-have seen. Epoch e = k // steps_per_epoch is read in an order seeded by (s, e, process)
-(TFDS file order or a folder permutation, then a seeded shuffle buffer; with `--cache`, a
-full shuffle of the decoded examples), k % steps_per_epoch batches are skipped before any
-decoding, and each example's augmentation draws from a stateless key (s, e, process, index).
+have seen. No state carries across epochs: epoch e = k // steps_per_epoch reads its records
+in an order keyed by (s, process, e) (a folder's files permuted; a TFDS split in its fixed
+file order, which TFDS shuffled at preparation), through a shuffle buffer seeded the same
+way (the whole shard if it fits in --shuffle-buffer, and always with --cache), skips
+k % steps_per_epoch batches before decoding anything, and draws each example's augmentation
+from a stateless key (s, process, e, example index).
 
 Unreadable images (corrupt, truncated, not an image) never stop a run: each becomes a
 masked example (mask 0, a black image), is logged once by name, and is counted in the
@@ -55,7 +57,6 @@ from jaxsft.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-LOOKAHEAD_BATCHES = 8  # the next epoch's pipeline starts this many batches before the end
 MAX_SKIPPED_IDS = 1000
 
 
@@ -167,25 +168,10 @@ def _train_batches(
     shard = pipeline.Shard(cfg.train_split, process_index, process_count, local)
 
     def stream(skipped: SkippedImages) -> Iterator[dict[str, np.ndarray]]:
-        cache = pipeline.decoded_cache(source, cfg, shard, seed) if cfg.cache else None
-        if cache is not None:
-            cache.reduce(np.int64(0), lambda count, _: count + 1)  # fill it, once
-
-        def epoch_batches(epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
-            ds = pipeline.train_epoch(source, cfg, shard, seed=seed, epoch=epoch, skip=skip,
-                                      steps=spe, cache=cache)
-            return ds.as_numpy_iterator()
-
-        epoch, skip = divmod(start_step, spe)
-        current = epoch_batches(epoch, skip)
-        while True:
-            remaining = spe - skip
-            upcoming = None
-            for i in range(remaining):
-                if i == max(remaining - LOOKAHEAD_BATCHES, 0):
-                    upcoming = epoch_batches(epoch + 1, 0)  # warms up while this one ends
-                yield _assemble(next(current), cfg, source.info, num_devices, skipped)
-            current, epoch, skip = upcoming, epoch + 1, 0
+        ds = pipeline.train_stream(source, cfg, shard, seed=seed, start_step=start_step,
+                                   steps_per_epoch=spe)
+        for raw in ds.as_numpy_iterator():
+            yield _assemble(raw, cfg, source.info, num_devices, skipped)
 
     return Batches(stream)
 

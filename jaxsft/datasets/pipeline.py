@@ -7,10 +7,12 @@ are ignored, followed by a fallback element, of which the first is taken. So a c
 costs one masked example, never the run, and the batch structure (hence exact resumption)
 does not depend on which files are corrupt.
 
-Train epochs are exactly reproducible: the shard's records come in an order seeded by
-(seed, epoch, process) (TFDS file order, or a permutation of a folder's files), pass a
-shuffle buffer seeded the same way, are skipped to the resume point *before* decoding
-(cheap), and each example's augmentation is keyed by (seed, epoch, process, index).
+Train epochs are exactly reproducible: the shard's records come in an order keyed by
+(seed, process, epoch) (a permutation of a folder's files; a TFDS split's fixed order, which
+TFDS shuffled when it prepared the data), pass a shuffle buffer seeded the same way (the
+whole shard when it fits in --shuffle-buffer, or with --cache), are skipped to the resume
+point *before* decoding (cheap), and each example's augmentation is keyed by (seed, process,
+epoch, index). No state carries from one epoch to the next.
 """
 
 from __future__ import annotations
@@ -37,12 +39,6 @@ class Shard:
     process_index: int
     process_count: int
     local_batch: int
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from (seed, epoch, process, purpose): stable across machines and runs."""
-    words = [p if isinstance(p, int) else int.from_bytes(p.encode(), "little") for p in parts]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _options() -> tf.data.Options:
@@ -119,38 +115,42 @@ def _decode_fn(cfg: DataConfig, crop: bool) -> Callable[[dict], tf.Tensor]:
     return decode
 
 
-def _with_keys(ds: tf.data.Dataset, seed: int, epoch: int, process_index: int) -> tf.data.Dataset:
-    base = T.fold_in(tf.constant([seed, epoch], tf.int64), process_index)
+def train_stream(
+    source: Source, cfg: DataConfig, shard: Shard, *, seed: int, start_step: int,
+    steps_per_epoch: int,
+) -> tf.data.Dataset:
+    """Batches start_step, start_step+1, ... of this process's shard, epoch after epoch.
+
+    One pipeline for all epochs: `range(epochs).flat_map(epoch)`, so epoch boundaries cost
+    nothing. Epoch e reads its records in an order keyed by (seed, process, e), passes a
+    shuffle buffer seeded the same way, and takes steps_per_epoch full batches (the rest is
+    dropped); the first epoch first skips the batches before start_step, before decoding.
+    """
+    b, spe = shard.local_batch, steps_per_epoch
+    start_epoch, skip = divmod(start_step, spe)
+    read = source.reader(shard.split, shard.process_index, shard.process_count)
+    n = source.shard_sizes(shard.split, shard.process_count)[shard.process_index]
+    run_key = tf.constant([seed, shard.process_index], tf.int64)
+    cached = _decoded(read(None)).cache() if cfg.cache else None
 
     @tf.autograph.experimental.do_not_convert
-    def add_key(record: dict) -> dict:
-        return {**record, "key": T.fold_in(base, record["index"])}
+    def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
+        order_key, buffer_key, augment_key = T.subkeys(T.fold_in(run_key, epoch), 3)
+        buffer_seed = tf.random.stateless_uniform(
+            [], buffer_key, minval=None, maxval=None, dtype=tf.int64, alg="philox")
+        if cached is not None:  # decoded once, in memory: a full shuffle is cheap
+            records = cached.shuffle(n, seed=buffer_seed, reshuffle_each_iteration=False)
+        else:
+            records = read(order_key).shuffle(max(1, min(cfg.shuffle_buffer, n)),
+                                              seed=buffer_seed, reshuffle_each_iteration=False)
+        first = tf.where(epoch == start_epoch, tf.constant(skip * b, tf.int64), 0)
+        records = records.skip(first).take(spe * b - first)
+        return records.map(lambda r: {**r, "key": T.fold_in(augment_key, r["index"])})
 
-    return ds.map(add_key)
-
-
-def train_epoch(
-    source: Source, cfg: DataConfig, shard: Shard, *, seed: int, epoch: int, skip: int,
-    steps: int, cache: tf.data.Dataset | None = None,
-) -> tf.data.Dataset:
-    """Batches `skip`..`steps`-1 of one epoch (drop remainder) of this process's shard."""
-    n = source.shard_sizes(shard.split, shard.process_count)[shard.process_index]
-    who = (seed, epoch, shard.process_index)
-    if cache is not None:  # decoded in a fixed order once: a full, per-epoch shuffle is cheap
-        records = cache.shuffle(n, seed=derive_seed(*who, "buffer"),
-                                reshuffle_each_iteration=False)
-    else:
-        records = source.records(shard.split, shard.process_index, shard.process_count,
-                                 order_seed=derive_seed(*who, "order"))
-        records = records.shuffle(max(1, min(cfg.shuffle_buffer, n)),
-                                  seed=derive_seed(*who, "buffer"),
-                                  reshuffle_each_iteration=False)
-    b = shard.local_batch
-    records = _with_keys(records.skip(skip * b).take((steps - skip) * b), seed, epoch,
-                         shard.process_index)
-    if cache is not None:
-        finish = _finish_fn(cfg, train=True, cropped=False)
-        examples = records.map(finish, num_parallel_calls=AUTOTUNE, deterministic=True)
+    records = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records)
+    if cached is not None:
+        examples = records.map(_finish_fn(cfg, train=True, cropped=False),
+                               num_parallel_calls=AUTOTUNE, deterministic=True)
     else:
         crop = cfg.augment == "imagenet"
         examples = _guarded_map(records, _decode_fn(cfg, crop),
@@ -158,18 +158,14 @@ def train_epoch(
     return examples.batch(b, drop_remainder=True).prefetch(AUTOTUNE).with_options(_options())
 
 
-def decoded_cache(source: Source, cfg: DataConfig, shard: Shard, seed: int) -> tf.data.Dataset:
-    """This shard's decoded images, kept in memory after the first pass (cfg.cache)."""
-    records = source.records(shard.split, shard.process_index, shard.process_count,
-                             order_seed=derive_seed(seed, shard.process_index, "cache"))
-    decoded = _guarded_map(records, _decode_fn(cfg, crop=False), lambda ex: ex)
-    return decoded.cache()
+def _decoded(records: tf.data.Dataset) -> tf.data.Dataset:
+    """Records with their full decoded image (uint8) and "ok", for caching."""
+    return _guarded_map(records, lambda r: T.decode(_read(r)), lambda ex: ex)
 
 
 def eval_pass(source: Source, cfg: DataConfig, shard: Shard) -> tf.data.Dataset:
     """One pass over this process's part of the eval split, in order; last batch partial."""
-    records = source.records(shard.split, shard.process_index, shard.process_count,
-                             order_seed=None)
+    records = source.reader(shard.split, shard.process_index, shard.process_count)(None)
     examples = _guarded_map(records, _decode_fn(cfg, crop=False),
                             _finish_fn(cfg, train=False, cropped=False))
     return examples.batch(shard.local_batch).prefetch(AUTOTUNE).with_options(_options())

@@ -2,15 +2,19 @@
 
 A source says what the data set is (`info`), how large each process's part of a split is
 (`shard_sizes`), and streams one part as records {"data" or "path", "label", "id", "index"}
-(`records`) in an order fixed by a seed. The pipeline (jaxsft.datasets.pipeline) turns
-records into batches the same way for both sources. `id` names an example in messages (a
-TFDS id or a file path); `index` is its position in the stream, a key of its augmentation.
+(`reader`): a function, usable inside a tf.data graph, from an order key to the records in
+an order that depends on that key alone (a folder's files are permuted by it; a TFDS split
+is read in its fixed, already shuffled file order whatever the key). The pipeline
+(jaxsft.datasets.pipeline) turns records into batches the same way for both sources. `id`
+names an example in messages (a TFDS id or a file path); `index` is its position in the
+shard, a key of its augmentation.
 """
 
 from __future__ import annotations
 
 import difflib
 import types
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -25,14 +29,15 @@ FOLDER_PREFIX = "folder:"
 EVAL_SPLIT_ORDER = ("validation", "val", "test")
 
 
+Reader = Callable[[tf.Tensor | None], tf.data.Dataset]  # order key (None: fixed) -> records
+
+
 class Source(Protocol):
     info: DatasetInfo
 
     def shard_sizes(self, split: str, process_count: int) -> list[int]: ...
 
-    def records(
-        self, split: str, process_index: int, process_count: int, order_seed: int | None
-    ) -> tf.data.Dataset: ...
+    def reader(self, split: str, process_index: int, process_count: int) -> Reader: ...
 
 
 def open_source(cfg: DataConfig) -> Source:
@@ -94,21 +99,15 @@ class TfdsSource:
         return [self.builder.info.splits[s].num_examples
                 for s in tfds.even_splits(split, n=process_count)]
 
-    def records(
-        self, split: str, process_index: int, process_count: int, order_seed: int | None
-    ) -> tf.data.Dataset:
+    def reader(self, split: str, process_index: int, process_count: int) -> Reader:
         shard = tfds.even_splits(split, n=process_count)[process_index]
-        shuffle_files = order_seed is not None and not self.builder.info.disable_shuffling
-        read_config = tfds.ReadConfig(
-            add_tfds_id=True, shuffle_seed=order_seed, shuffle_reshuffle_each_iteration=False,
-            try_autocache=False, skip_prefetch=True,
-        )
+        read_config = tfds.ReadConfig(add_tfds_id=True, try_autocache=False, skip_prefetch=True)
         decoders = tfds.decode.PartialDecoding(
             {self.image_key: True, self.label_key: True},
             decoders={self.image_key: tfds.decode.SkipDecoding()},
         )
         ds = self.builder.as_dataset(
-            split=shard, shuffle_files=shuffle_files, decoders=decoders, read_config=read_config
+            split=shard, shuffle_files=False, decoders=decoders, read_config=read_config
         )
         image_key, label_key = self.image_key, self.label_key
 
@@ -116,7 +115,8 @@ class TfdsSource:
             return {"data": ex[image_key], "label": ex[label_key], "id": ex["tfds_id"],
                     "index": index}
 
-        return ds.enumerate().map(record)
+        records = ds.enumerate().map(record)
+        return lambda order_key: records
 
 
 def _builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
@@ -226,17 +226,20 @@ class FolderSource:
     def shard_sizes(self, split: str, process_count: int) -> list[int]:
         return [len(self._shard(split, p, process_count)) for p in range(process_count)]
 
-    def records(
-        self, split: str, process_index: int, process_count: int, order_seed: int | None
-    ) -> tf.data.Dataset:
+    def reader(self, split: str, process_index: int, process_count: int) -> Reader:
         examples = self._examples(split)
         positions = self._shard(split, process_index, process_count)
-        if order_seed is not None:
-            positions = np.random.default_rng(order_seed).permutation(positions)
-        paths = [examples[i][0] for i in positions]
-        return tf.data.Dataset.from_tensor_slices({
-            "path": tf.constant(paths, tf.string),
-            "label": tf.constant([examples[i][1] for i in positions], tf.int64),
-            "id": tf.constant(paths, tf.string),
-            "index": tf.constant(positions, tf.int64),
-        })
+        paths = tf.constant([examples[i][0] for i in positions], tf.string)
+        labels = tf.constant([examples[i][1] for i in positions], tf.int64)
+        index = tf.constant(positions, tf.int64)
+
+        def records(order_key: tf.Tensor | None) -> tf.data.Dataset:
+            order = tf.range(len(positions), dtype=tf.int64)
+            if order_key is not None:
+                order = tf.random.experimental.stateless_shuffle(order, order_key, alg="philox")
+            return tf.data.Dataset.from_tensor_slices({
+                "path": tf.gather(paths, order), "label": tf.gather(labels, order),
+                "id": tf.gather(paths, order), "index": tf.gather(index, order),
+            })
+
+        return records

@@ -166,6 +166,9 @@ def _train_batches(
     source = _source(cfg)
     spe = steps_per_epoch(source.info, cfg)
     shard = pipeline.Shard(cfg.train_split, process_index, process_count, local)
+    if min(source.shard_sizes(cfg.train_split, process_count)) < spe * local:
+        raise DataError(f"the train split of {cfg.dataset} cannot be sharded evenly over "
+                        f"{process_count} processes: give a batch size divisible by them")
 
     def stream(skipped: SkippedImages) -> Iterator[dict[str, np.ndarray]]:
         ds = pipeline.train_stream(source, cfg, shard, seed=seed, start_step=start_step,
@@ -205,6 +208,9 @@ def _eval_batches(
         seen = 0
         for raw in pipeline.eval_pass(source, cfg, shard).as_numpy_iterator():
             seen += 1
+            if seen > num_batches:  # every process must run the same number of eval steps
+                raise DataError(f"the {split} split of {cfg.dataset} holds more examples than "
+                                "its metadata says: prepare the data set again")
             yield _assemble(_pad(raw, local), cfg, source.info, num_devices, skipped)
         for _ in range(num_batches - seen):
             yield _assemble(_pad(None, local, cfg.image_size), cfg, source.info, num_devices,

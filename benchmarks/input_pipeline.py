@@ -1,0 +1,111 @@
+"""Host input-pipeline throughput of jaxsft.data: JPEG decode + augmentation, images/s.
+
+    python -m benchmarks.input_pipeline                      # 224x224, imagenet augmentation
+    python -m benchmarks.input_pipeline --augment light --json benchmarks/results/input.json
+
+Writes --images photo-like JPEGs (ImageNet-like sizes: 500x375, 375x500, 500x333, 640x480;
+quality 90) into a temporary image folder, then times, after --warmup batches, --batches
+batches of `jaxsft.data.train_batches` (decode, RandomResizedCrop, flip, normalise, batch, as
+numpy [devices, per_device, H, W, 3]) and one pass of the eval pipeline (decode, resize,
+centre crop, normalise) over the same files. Only the host side is measured: no device
+transfer, no model. A training step that takes longer per batch than this pipeline needs
+never waits for data; compare with benchmarks/throughput.py's images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SIZES = ((375, 500), (500, 375), (333, 500), (480, 640))
+
+
+def photo(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Smooth colour fields, edges and noise: JPEG-compresses like a photo, not like noise."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    f = rng.uniform(2, 9, 3)
+    base = np.stack([np.sin(f[0] * x + 3 * y), np.cos(f[1] * y - 2 * x), np.sin(f[2] * (x + y))],
+                    -1)
+    image = 120 + 70 * base + (x > rng.uniform())[..., None] * 50 + rng.normal(0, 6, base.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_folder(root: Path, n: int, classes: int = 10) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / f"class{i % classes:02d}"
+        folder.mkdir(exist_ok=True)
+        h, w = SIZES[i % len(SIZES)]
+        Image.fromarray(photo(h, w, rng)).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def time_batches(batches, warmup: int, count: int, batch_size: int) -> float:
+    """Images/s over `count` batches after `warmup` (the first builds the pipeline)."""
+    for _ in range(warmup):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(count):
+        next(batches)
+    return count * batch_size / (time.perf_counter() - start)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=600, help="JPEGs to generate")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--augment", default="imagenet", choices=("imagenet", "light", "none"))
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    parser.add_argument("--batches", type=int, default=20, help="timed train batches")
+    parser.add_argument("--json", help="also write the result to this file")
+    args = parser.parse_args(argv)
+
+    from jaxsft import data
+    from jaxsft.config import DataConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_folder(Path(tmp), args.images)
+        cfg = DataConfig(dataset=f"folder:{tmp}", image_size=args.image_size,
+                         batch_size=args.batch_size, augment=args.augment, eval_split="train")
+        train = time_batches(data.train_batches(cfg, seed=0, num_devices=1), args.warmup,
+                             args.batches, args.batch_size)
+        eval_count = data.steps_per_epoch(data.dataset_info(cfg), cfg) - 1
+        evals = time_batches(data.eval_batches(cfg, num_devices=1), 1, eval_count,
+                             args.batch_size)
+    import tensorflow as tf
+
+    result = {
+        "train_images_per_s": round(train, 1),
+        "eval_images_per_s": round(evals, 1),
+        "augment": args.augment, "image_size": args.image_size, "batch_size": args.batch_size,
+        "source_sizes": [f"{w}x{h}" for h, w in SIZES], "jpeg_quality": 90,
+        "cpu": cpu_model(), "cpu_cores": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "tensorflow": tf.__version__,
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -179,7 +179,7 @@ def save_torch_state_dict(variables: Mapping[str, Any], path: str | os.PathLike)
         def write(tmp: str) -> None:
             save_file(state_dict, tmp)
     elif path.suffix in TORCH_SUFFIXES:
-        torch = _import_torch(path)
+        torch = _import_torch(path, "write a .safetensors file instead")
 
         def write(tmp: str) -> None:
             torch.save({k: _numpy_to_torch(torch, v) for k, v in state_dict.items()}, tmp)
@@ -413,12 +413,12 @@ def _read_converted(path: Path, arch: str) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- file reading
 
 
-def _import_torch(path: Path) -> Any:
+def _import_torch(path: Path, alternative: str = "convert the file to .safetensors") -> Any:
     try:
         import torch
     except ImportError as e:
         raise WeightsError(f"{path} is a PyTorch file and PyTorch is not installed: "
-                           "pip install jaxsft[torch], or convert the file to .safetensors") from e
+                           f"pip install jaxsft[torch], or {alternative}") from e
     return torch
 
 

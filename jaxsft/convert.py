@@ -55,7 +55,6 @@ def convert(arch: str, source: str, out: str | os.PathLike, *, num_classes: int 
         # A converted directory as source: record the hash of the file it came from.
         "sha256": (read_converted_metadata(local).get("sha256") if local.is_dir()
                    else file_sha256(local)),
-        "head_seed": seed if num_classes is not None else None,
         "jaxsft_version": _version(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import re
 import urllib.error
@@ -629,15 +630,17 @@ def _replace_head(variables: dict, fan_in: int, file_classes: int | None,
     if num_classes is None:
         raise WeightsError(f"{origin} has no classifier head (fc.weight, fc.bias): pass "
                            "num_classes and rng to initialise one")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+            or num_classes < 1):
         raise WeightsError(f"num_classes must be a positive int, got {num_classes!r}")
+    num_classes = int(num_classes)
     if num_classes == file_classes:
         return
     if rng is None:
         raise WeightsError(f"{origin} has a {file_classes}-class head; re-initialising it for "
                            f"{num_classes} classes needs rng, e.g. rng=jax.random.key(0)")
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
+    if isinstance(rng, numbers.Integral):
+        rng = jax.random.key(int(rng))
     params = variables["params"]
     dtype = params["conv1"]["kernel"].dtype
     head = classifier(num_classes, fan_in, dtype)

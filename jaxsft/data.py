@@ -167,8 +167,9 @@ def _train_batches(
     spe = steps_per_epoch(source.info, cfg)
     shard = pipeline.Shard(cfg.train_split, process_index, process_count, local)
     if min(source.shard_sizes(cfg.train_split, process_count)) < spe * local:
-        raise DataError(f"the train split of {cfg.dataset} cannot be sharded evenly over "
-                        f"{process_count} processes: give a batch size divisible by them")
+        raise DataError(f"a process's part of {cfg.train_split} holds fewer than {spe} "
+                        f"batches of {local}: the split's metadata is inconsistent; prepare "
+                        f"{cfg.dataset} again")
 
     def stream(skipped: SkippedImages) -> Iterator[dict[str, np.ndarray]]:
         ds = pipeline.train_stream(source, cfg, shard, seed=seed, start_step=start_step,

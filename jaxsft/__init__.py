@@ -13,6 +13,8 @@ _EXPORTS = {
     "list_models": "jaxsft.models",
     "load_weights": "jaxsft.weights",
     "WeightsError": "jaxsft.weights",
+    "to_torch_state_dict": "jaxsft.weights",
+    "save_torch_state_dict": "jaxsft.weights",
     "TrainState": "jaxsft.state",
     "train_step": "jaxsft.steps",
     "eval_step": "jaxsft.steps",

@@ -7,6 +7,8 @@ Cloud TPU set, or the explicit `--coordinator-address/--num-processes/--process-
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Mapping
 
 from jaxsft.config import ConfigError
@@ -35,6 +37,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                           "--process-id, or none of them (auto-detection)")
     if coordinator_address is None and not launched_as_cluster(env):
         return False
+    if coordinator_address is not None and process_id != 0:
+        # JAX aborts the whole process (no exception) when the coordinator cannot be reached,
+        # so check first that process 0 is listening, within the same bounded time.
+        _wait_for_coordinator(coordinator_address, timeout_s)
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -48,3 +54,21 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             f"could not join the distributed run at {where} within {timeout_s}s ({reason}); "
             "check --coordinator-address and that process 0 is running") from None
     return True
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--coordinator-address {address!r} must be host:port")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"could not reach the coordinator at {address} within {timeout_s:g}s "
+                    f"({e.strerror or e}); check --coordinator-address and that process 0 "
+                    "is running") from None
+            time.sleep(0.25)

@@ -9,7 +9,9 @@ batches of `jaxsft.data.train_batches` (decode, RandomResizedCrop, flip, normali
 numpy [devices, per_device, H, W, 3]) and one pass of the eval pipeline (decode, resize,
 centre crop, normalise) over the same files. Only the host side is measured: no device
 transfer, no model. A training step that takes longer per batch than this pipeline needs
-never waits for data; compare with benchmarks/throughput.py's images/s.
+never waits for data; compare with benchmarks/throughput.py's images/s. The CPU time per
+image (all threads) is reported too: on a shared machine it is the steadier figure, and
+cores / (CPU s per image) bounds what the whole machine can feed.
 """
 
 from __future__ import annotations
@@ -47,14 +49,18 @@ def write_folder(root: Path, n: int, classes: int = 10) -> None:
         Image.fromarray(photo(h, w, rng)).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def time_batches(batches, warmup: int, count: int, batch_size: int) -> float:
-    """Images/s over `count` batches after `warmup` (the first builds the pipeline)."""
+def time_batches(batches, warmup: int, count: int, batch_size: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) over `count` batches after `warmup` (the first builds
+    the pipeline). CPU time counts every thread of this process, so on a shared machine
+    1000 / (ms per image) is the images/s one fully available core would give."""
     for _ in range(warmup):
         next(batches)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         next(batches)
-    return count * batch_size / (time.perf_counter() - start)
+    images = count * batch_size
+    return (images / (time.perf_counter() - start),
+            1000 * (time.process_time() - cpu) / images)
 
 
 def cpu_model() -> str:
@@ -85,16 +91,18 @@ def main(argv: list[str] | None = None) -> dict:
         write_folder(Path(tmp), args.images)
         cfg = DataConfig(dataset=f"folder:{tmp}", image_size=args.image_size,
                          batch_size=args.batch_size, augment=args.augment, eval_split="train")
-        train = time_batches(data.train_batches(cfg, seed=0, num_devices=1), args.warmup,
-                             args.batches, args.batch_size)
+        train, train_cpu = time_batches(data.train_batches(cfg, seed=0, num_devices=1),
+                                        args.warmup, args.batches, args.batch_size)
         eval_count = data.steps_per_epoch(data.dataset_info(cfg), cfg) - 1
-        evals = time_batches(data.eval_batches(cfg, num_devices=1), 1, eval_count,
-                             args.batch_size)
+        evals, eval_cpu = time_batches(data.eval_batches(cfg, num_devices=1), 1, eval_count,
+                                       args.batch_size)
     import tensorflow as tf
 
     result = {
         "train_images_per_s": round(train, 1),
         "eval_images_per_s": round(evals, 1),
+        "train_cpu_ms_per_image": round(train_cpu, 2),
+        "eval_cpu_ms_per_image": round(eval_cpu, 2),
         "augment": args.augment, "image_size": args.image_size, "batch_size": args.batch_size,
         "source_sizes": [f"{w}x{h}" for h, w in SIZES], "jpeg_quality": 90,
         "cpu": cpu_model(), "cpu_cores": os.cpu_count(),

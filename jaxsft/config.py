@@ -44,7 +44,9 @@ class ModelConfig:
         "none = random initialisation",
     )
     num_classes: int | None = _field(None, "classes of the new head (default: from the data set)")
-    dtype: str = _field("float32", "compute dtype; parameters stay float32", DTYPES)
+    dtype: str = _field(
+        "float32", "compute dtype; parameters stay float32 (float64 turns on JAX's x64 mode)",
+        DTYPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +112,13 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     workdir: str = _field("runs/default", "where config, checkpoints, metrics and plots go")
-    epochs: float | None = _field(None, "training length in epochs (or give --steps)")
+    epochs: float | None = _field(
+        None, "training length in epochs (1 when neither --epochs nor --steps is given)")
     steps: int | None = _field(None, "training length in steps (overrides --epochs)")
     label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy")
     bn: str = _field(
-        "train", "BatchNorm: train = batch statistics (torch's model.train()), frozen = running",
+        "train", "BatchNorm: train = batch statistics (torch's model.train()), frozen = "
+        "running statistics, kept as loaded (always so with --recipe linear-probe)",
         BN_MODES,
     )
     accum_steps: int = _field(1, "gradient accumulation: micro-batches per step")
@@ -124,7 +128,9 @@ class RunConfig:
     keep: int = _field(3, "latest checkpoints to keep (the best is kept too)")
     log_every: int = _field(10, "write train metrics every N steps")
     resume: str | None = _field(None, "checkpoint to start from when the workdir has none")
-    overwrite: bool = _field(False, "reuse a workdir that belongs to a different config")
+    overwrite: bool = _field(
+        False, "a workdir of a different config: move it aside to <workdir>.replaced-<time> "
+        "and start afresh (nothing is deleted)")
 
 
 @dataclasses.dataclass(frozen=True)

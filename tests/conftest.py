@@ -8,6 +8,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the CPU-only tests never claim a GPU
 
+try:  # torchvision must load before TensorFlow: the other order segfaults (triton) here
+    import torchvision  # noqa: E402, F401
+except ImportError:
+    pass
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -99,10 +99,15 @@ def test_fit_evaluate_predict_on_an_image_folder(folder, tmp_path):
 def test_fit_under_tfds_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
+    from test_data_tfds import write_metadata
+
+    # Split sizes come from the metadata the mock reads; the examples are random images.
+    write_metadata(tfds, "cifar10", tmp_path / "meta", {"train": 20, "test": 20})
     cfg = Config().replace(model="resnet18", dataset="cifar10", image_size=SIZE,
                            augment="light", batch_size=8, steps=3, log_every=1,
                            eval_batch_size=8, workdir=str(tmp_path / "run"))
-    with tfds.testing.mock_data(num_examples=20):
+    with tfds.testing.mock_data(num_examples=20, data_dir=str(tmp_path / "meta"),
+                                policy=tfds.testing.MockPolicy.USE_FILES):
         state = fit(cfg)
         result = evaluate(cfg, "latest")
     assert int(state.step) == 3

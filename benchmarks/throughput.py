@@ -69,6 +69,7 @@ class Settings:
     torch: bool = True
     torch_variants: tuple[str, ...] | None = None
     peak_tflops: float | None = None
+    cpu_threads: int | None = None  # pin the process to this many cores (both frameworks)
     num_classes: int = 1000
     lr: float = 0.01
     momentum: float = 0.9
@@ -395,6 +396,15 @@ def context(prog: str, argv: Sequence[str], s: Settings, devices: list[jax.Devic
     }
 
 
+def pin_cores(n: int) -> None:
+    """Restricts this process to its first n usable cores. XLA:CPU and torch size their
+    thread pools from the affinity mask, so this must run before either starts."""
+    usable = sorted(os.sched_getaffinity(0))
+    if n > len(usable):
+        raise BenchmarkError(f"--cpu-threads {n}: only {len(usable)} usable cores")
+    os.sched_setaffinity(0, usable[:n])
+
+
 def pick_devices(n: int | None) -> list[jax.Device]:
     """The first n local devices (all when n is None), or a message naming the fix."""
     local = jax.local_devices()
@@ -429,14 +439,21 @@ def torch_device_for(backend: str, n_devices: int, s: Settings) -> tuple[str | N
 def automatic_notes(s: Settings, backend: str, n: int, before: Sequence[float],
                     after: Sequence[float]) -> list[str]:
     notes = []
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = os.cpu_count() or 1
     if backend == "cpu":
         notes.append("CPU: MFU only with --peak-tflops" if s.peak_tflops is None else
                      f"CPU: MFU against the given peak of {s.peak_tflops} TFLOP/s")
-        if max(*before, *after) > 0.75 * (cores or 1):
-            notes.append(f"shared CPU: load average {before[0]:.1f} before and {after[0]:.1f} "
-                         f"after on {cores} cores, so absolute times are noisy; the per-round "
-                         "ratios (alternating blocks) are the comparable figures")
+        if s.cpu_threads:
+            notes.append(f"process pinned to {s.cpu_threads} core(s): XLA's and torch's "
+                         "thread pools sized to it")
+        if max(*before, *after) > 0.75 * cores:
+            notes.append(
+                f"shared CPU: load average {before[0]:.1f} before and {after[0]:.1f} after on "
+                f"{cores} cores, so absolute times are noisy and the per-round ratios "
+                "(alternating blocks) are the comparable figures; with more runnable threads "
+                "than cores, multi-threaded steps stall at their barriers whenever one thread "
+                "is descheduled, which can hurt one framework more than the other "
+                "(--cpu-threads 1 avoids it)")
         if n > 1:
             notes.append("forced host devices share the same cores: a functional check of "
                          "the multi-device path, not a measure of scaling")
@@ -574,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: torch,torch-cl on CPU; torch,torch-amp-cl on GPU)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s per device for MFU (default: benchmarks/peaks.py)")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="pin the process to this many CPU cores before JAX and torch start, "
+                        "so both size their thread pools to it (1 gives stable ratios on a "
+                        "shared, oversubscribed CPU); default: all usable cores")
     p.add_argument("--num-classes", type=int, default=d.num_classes)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--momentum", type=float, default=d.momentum)
@@ -601,6 +622,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None]:
     for flag in ("image_size", "batch_size", "steps", "rounds", "num_classes"):
         if getattr(a, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if a.cpu_threads is not None and a.cpu_threads < 1:
+        parser.error("--cpu-threads must be at least 1")
     if a.warmup < 0:
         parser.error("--warmup must be 0 or more")
     if a.devices != "all" and not a.devices.isdigit():
@@ -617,7 +640,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None]:
         bn=a.bn, devices=None if a.devices == "all" else int(a.devices), steps=a.steps,
         warmup=a.warmup, rounds=a.rounds, sync=a.sync, pipeline=a.pipeline,
         dataset=a.dataset, data_dir=a.data_dir, torch=not a.no_torch,
-        torch_variants=variants, peak_tflops=a.peak_tflops, num_classes=a.num_classes,
+        torch_variants=variants, peak_tflops=a.peak_tflops, cpu_threads=a.cpu_threads,
+        num_classes=a.num_classes,
         lr=a.lr, momentum=a.momentum, seed=a.seed, cache_dir=a.cache_dir,
         use_cache=not a.no_cache, notes=tuple(a.note),
     )
@@ -636,6 +660,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # jax and torch share one GPU: keep JAX from preallocating 75% of its memory.
     if s.torch:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+    if s.cpu_threads:
+        try:
+            pin_cores(s.cpu_threads)
+        except BenchmarkError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         result = run(s, argv)
     except BenchmarkError as e:

@@ -22,7 +22,7 @@ def quick(tmp_path_factory) -> dict:
     """`python -m benchmarks.throughput --quick` in a fresh process, its JSON parsed."""
     out = tmp_path_factory.mktemp("bench") / "quick.json"
     cmd = [sys.executable, "-m", "benchmarks.throughput", "--quick", "--no-cache",
-           "--peak-tflops", "1.0", "--json", str(out)]
+           "--cpu-threads", "1", "--peak-tflops", "1.0", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -41,6 +41,9 @@ def test_quick_mode_writes_the_documented_fields(quick):
     # The synthetic path runs where TensorFlow is absent: it never imports it.
     assert quick["imported_tensorflow"] is False
     assert list(quick["results"]) == ["jaxsft", "torch", "torch-cl"]
+    # --cpu-threads 1 pinned the process before either framework sized its thread pool.
+    assert quick["hardware"]["cpu_cores_usable"] == 1
+    assert all(quick["results"][n]["threads"] == 1 for n in ("torch", "torch-cl"))
     jax_r = quick["results"]["jaxsft"]
     assert jax_r["compile_s"] > 0 and jax_r["lower_s"] > 0
     assert jax_r["compilation_cache"] == "off"

@@ -98,7 +98,6 @@ def test_fit_evaluate_predict_on_an_image_folder(folder, tmp_path):
 
 def test_fit_under_tfds_mock_data(tmp_path):
     import tensorflow_datasets as tfds
-
     from test_data_tfds import write_metadata
 
     # Split sizes come from the metadata the mock reads; the examples are random images.

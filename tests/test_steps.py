@@ -196,9 +196,12 @@ def test_accumulation_4x4_equals_one_batch_of_16_with_frozen_bn(net, sgd, x64):
 
 def test_accumulation_in_train_mode_matches_torch_micro_batch_loop(net, sgd, x64):
     """With BatchNorm in train mode each micro-batch has its own statistics, as in torch's
-    accumulation loop (forward/backward per micro-batch, loss / steps, one optimizer.step)."""
+    accumulation loop (forward/backward per micro-batch, loss / steps, one optimizer.step).
+
+    Two micro-batches of 8: BatchNorm over 4 values (1x1 maps) amplifies rounding ~100x
+    more, which would leave this float64 comparison a thin margin."""
     state_dict, images, labels = net
-    state, losses, _ = run_jax(new_state(state_dict, sgd[0]), images, labels, accum_steps=4)
+    state, losses, _ = run_jax(new_state(state_dict, sgd[0]), images, labels, accum_steps=2)
 
     model = torch_model(state_dict).train()
     optimizer = torch_sgd(model.parameters())
@@ -206,8 +209,8 @@ def test_accumulation_in_train_mode_matches_torch_micro_batch_loop(net, sgd, x64
     for x, y in zip(images, labels):
         optimizer.zero_grad()
         total = 0.0
-        for xm, ym in zip(np.split(x, 4), np.split(y, 4)):
-            loss = torch.nn.functional.cross_entropy(model(nchw(xm)), torch.from_numpy(ym)) / 4
+        for xm, ym in zip(np.split(x, 2), np.split(y, 2)):
+            loss = torch.nn.functional.cross_entropy(model(nchw(xm)), torch.from_numpy(ym)) / 2
             loss.backward()
             total += loss.item()
         optimizer.step()

@@ -130,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     s, json_path = throughput.parse_args([*rest, "--no-torch"])
     try:
+        if s.cpu_threads:
+            throughput.pin_cores(s.cpu_threads)
         result = run(s, counts, argv)
     except throughput.BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)

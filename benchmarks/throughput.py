@@ -10,8 +10,8 @@ persistent compilation cache's hit or miss), peak device memory where the backen
 it, XLA's memory plan of the compiled step, and MFU: the compiled step's FLOPs (XLA cost
 analysis, per device) over the median step time, against the device's peak (benchmarks/peaks.py,
 or --peak-tflops). The jaxsft step is `jaxsft.train_step` pmapped over the first --devices
-devices, exactly as `jaxsft.steps.pmap_train_step` builds it, with the seed's optimizer
-(SGD lr 0.01, momentum 0.9) and cross-entropy.
+devices, exactly as `jaxsft.steps.pmap_train_step` builds it, with jaxsft's optimizer set as
+the seed's (SGD lr 0.01, momentum 0.9) and cross-entropy.
 
 When torch is installed the same run times the seed's loop on torchvision's model with the
 same shapes (benchmarks/torch_loop.py), in alternating rounds (jaxsft, torch variants,
@@ -114,7 +114,7 @@ class JaxLoop:
         variables = variables or init_variables(model, s)
         state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                                   batch_stats=variables["batch_stats"],
-                                  tx=optax.sgd(s.lr, momentum=s.momentum))
+                                  tx=seed_optimizer(s, global_batch=s.batch_size * len(devices)))
         self.state = steps.replicate(state, devices)
         jax.block_until_ready(self.state)
         self.init_s = time.perf_counter() - t0
@@ -164,6 +164,19 @@ class JaxLoop:
             "compiled_memory_bytes": self.memory_plan,
             "dtype": self.dtype,
         }
+
+
+def seed_optimizer(s: Settings, global_batch: int) -> optax.GradientTransformation:
+    """jaxsft's optimizer as `jaxsft.train` builds it, configured as the seed's
+    `SGD(lr, momentum)`: constant rate, no weight decay, torch.optim.SGD semantics."""
+    from jaxsft.config import Config
+    from jaxsft.optim import create_optimizer
+
+    cfg = Config().replace(optimizer="sgd", lr=s.lr, momentum=s.momentum, weight_decay=0.0,
+                           schedule="constant")
+    tx, _ = create_optimizer(cfg.optim, total_steps=10**9, steps_per_epoch=1000,
+                             batch_size=global_batch)
+    return tx
 
 
 def init_variables(model: Any, s: Settings) -> dict[str, Any]:

@@ -74,30 +74,14 @@ def train_step(
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-
-    def micro_step(batch_stats: Any, micro: tuple) -> tuple[Any, Any, Metrics]:
-        x, y, m, key = micro
-
-        def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, Metrics]]:
-            logits, new_stats = _forward(
-                state.apply_fn, params, batch_stats, x, bn_mode, axis_name, key
-            )
-            losses = cross_entropy(logits, y, label_smoothing, m)
-            sums = _correct(logits, y, m)
-            sums["loss_sum"] = losses.sum()
-            # Local sum over the global count: summing gradients over devices (and
-            # micro-batches) then gives the gradient of the global mean.
-            return sums["loss_sum"] / jnp.maximum(count, 1), (new_stats, sums)
-
-        (_, (new_stats, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return grads, new_stats, sums
-
+    grads_fn = functools.partial(_micro_grads, state, denominator=jnp.maximum(count, 1),
+                                 bn_mode=bn_mode, axis_name=axis_name,
+                                 label_smoothing=label_smoothing)
     if accum_steps == 1:
-        grads, batch_stats, sums = micro_step(state.batch_stats, (images, labels, mask, rng))
+        grads, batch_stats, sums = grads_fn(state.batch_stats, (images, labels, mask, rng))
     else:
-        grads, batch_stats, sums = _accumulate(
-            micro_step, state, (images, labels, mask), rng, accum_steps
-        )
+        grads, batch_stats, sums = _accumulate(grads_fn, state, (images, labels, mask), rng,
+                                               accum_steps)
     if axis_name is not None:
         grads, sums = jax.lax.psum((grads, sums), axis_name)
     loss = sums["loss_sum"] / jnp.maximum(count, 1)
@@ -159,6 +143,28 @@ def cross_entropy(
 # ------------------------------------------------------------------------- helpers
 
 
+def _micro_grads(
+    state: TrainState, batch_stats: Any, micro: tuple, *, denominator: jax.Array,
+    bn_mode: str, axis_name: str | None, label_smoothing: float,
+) -> tuple[Any, Any, Metrics]:
+    """Gradients of sum(losses) / denominator on one (micro-)batch, new stats, metric sums.
+
+    The denominator is the global example count: summing these gradients over devices and
+    micro-batches gives the gradient of the global mean loss.
+    """
+    images, labels, mask, rng = micro
+
+    def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, Metrics]]:
+        logits, new_stats = _forward(state.apply_fn, params, batch_stats, images, bn_mode,
+                                     axis_name, rng)
+        sums = _correct(logits, labels, mask)
+        sums["loss_sum"] = cross_entropy(logits, labels, label_smoothing, mask).sum()
+        return sums["loss_sum"] / denominator, (new_stats, sums)
+
+    (_, (new_stats, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return grads, new_stats, sums
+
+
 def _check_options(bn_mode: str, accum_steps: int) -> None:
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
@@ -207,15 +213,16 @@ def _correct(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> Metrics:
 
 
 def _accumulate(
-    micro_step: Callable, state: TrainState, arrays: tuple, rng: jax.Array, accum_steps: int
+    grads_fn: Callable, state: TrainState, arrays: tuple, rng: jax.Array, accum_steps: int
 ) -> tuple[Any, Any, Metrics]:
-    """Sums micro_step's gradients and metric sums over micro-batches with lax.scan."""
+    """Sums grads_fn's gradients and metric sums over micro-batches with lax.scan; the
+    running statistics thread through them in order, as torch's do."""
     micro = jax.tree.map(lambda a: a.reshape(accum_steps, -1, *a.shape[1:]), arrays)
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum_steps))
 
     def body(carry: tuple, xs: tuple) -> tuple[tuple, None]:
         grads_sum, stats, sums_sum = carry
-        grads, stats, sums = micro_step(stats, xs)
+        grads, stats, sums = grads_fn(stats, xs)
         return (_add(grads_sum, grads), stats, _add(sums_sum, sums)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)

@@ -51,7 +51,8 @@ def run(s: Any, counts: Sequence[int] | None, argv: Sequence[str] = (),
     """Times the jaxsft step on each device count in turn, in this process."""
     import jax
 
-    from benchmarks import cache, throughput
+    from benchmarks import throughput
+    from jaxsft import compilation_cache as cache
 
     cache_dir = cache.enable_compilation_cache(s.cache_dir) if s.use_cache else None
     local = jax.local_devices()

@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import cache, peaks, torch_loop
+from benchmarks import peaks, torch_loop
+from jaxsft import compilation_cache as cache
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 QUICK = dict(model="resnet18", image_size=64, batch_size=4, steps=4, warmup=1, rounds=2)

@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     step = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
     if step not in ("best", "latest") and not isinstance(step, int):
         raise ConfigError(f"--checkpoint {args.checkpoint!r}: use best, latest or a step number")
+    from jaxsft.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache()  # repeated runs load their compiled steps from disk
     from jaxsft.trainer import evaluate
 
     result = evaluate(cfg, step)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cache, peaks, scaling, throughput
+from benchmarks import peaks, scaling, throughput
+from jaxsft import compilation_cache as cache
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,7 +140,7 @@ def test_compilation_cache_stores_and_reuses_executables(tmp_path):
     """Two fresh processes compile the same function: the first writes, the second hits."""
     script = (
         "import sys, jax, jax.numpy as jnp\n"
-        "from benchmarks import cache\n"
+        "from jaxsft import compilation_cache as cache\n"
         "d = cache.enable_compilation_cache(sys.argv[1])\n"
         "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
         "before = cache.cache_entries(d)\n"
@@ -160,8 +161,8 @@ def test_compilation_cache_stores_and_reuses_executables(tmp_path):
 
 def test_default_cache_dir_is_in_the_users_cache(monkeypatch, tmp_path):
     monkeypatch.delenv(cache.ENV_VAR, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert cache.default_cache_dir() == tmp_path / "jaxsft" / "jax-cache"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache.default_cache_dir() == tmp_path / ".cache" / "jaxsft" / "jax-cache"
     monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "mine"))
-    assert cache.default_cache_dir() == tmp_path / "mine"
+    assert cache.default_cache_dir() == tmp_path / "mine" / "jax-cache"
 

@@ -13,15 +13,13 @@ from pathlib import Path
 
 import jax
 
-ENV_VAR = "JAXSFT_CACHE_DIR"
+ENV_VAR = "JAXSFT_CACHE"  # the same root as downloaded weights (jaxsft.weights)
 
 
 def default_cache_dir() -> Path:
-    """$JAXSFT_CACHE_DIR, else $XDG_CACHE_HOME/jaxsft/jax-cache, else ~/.cache/jaxsft/jax-cache."""
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "jaxsft" / "jax-cache"
+    """$JAXSFT_CACHE/jax-cache, else ~/.cache/jaxsft/jax-cache."""
+    root = os.environ.get(ENV_VAR) or Path.home() / ".cache" / "jaxsft"
+    return Path(root).expanduser() / "jax-cache"
 
 
 def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -1,0 +1,131 @@
+"""Two processes x 2 CPU devices (gloo) == one process x 4 devices, and a collective resume."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxsft import checkpoint
+from jaxsft.trainer import CHECKPOINT_DIR
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Noise images: well-conditioned BatchNorm statistics. (Near-constant images on tiny
+    maps amplify rounding differences: 1e-16 became 4e-7 in 6 steps, 2 vs 4 devices.)"""
+    root = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 16), ("test", 7)):
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def env_with_devices(n: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+
+def train_flags(folder: Path, workdir: Path, steps: int) -> list[str]:
+    """Float64 (JAX x64), so two correct reductions agree to ~1e-15 instead of parting by
+    rounding. Each process reads only its own shard, so the same global batch in both set-ups
+    needs batch = the whole train split (32) and no random augmentation."""
+    return [sys.executable, "-m", "jaxsft.train", "--model", "resnet18",
+            "--dataset", f"folder:{folder}", "--image-size", "16", "--augment", "none",
+            "--batch-size", "32", "--lr", "0.05", "--steps", str(steps), "--log-every", "1",
+            "--eval-every", "2", "--dtype", "float64", "--workdir", str(workdir)]
+
+
+def launch_two(folder: Path, workdir: Path, steps: int) -> list[subprocess.Popen]:
+    address = f"localhost:{free_port()}"
+    return [subprocess.Popen(
+        train_flags(folder, workdir, steps) + ["--coordinator-address", address,
+                                               "--num-processes", "2", "--process-id", str(i)],
+        env=env_with_devices(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+
+
+def wait_all(procs, timeout=600):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+def variables(workdir: Path):
+    with jax.enable_x64(True):
+        v, _ = checkpoint.restore_variables(workdir / CHECKPOINT_DIR, "latest")
+    return v
+
+
+def assert_close(a, b, rtol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        scale = max(np.abs(y).max(), 1e-30)
+        assert np.abs(x - y).max() / scale < rtol
+
+
+def test_two_processes_equal_one_process_with_four_devices_and_resume(folder, tmp_path):
+    one = subprocess.run(train_flags(folder, tmp_path / "one", 6), env=env_with_devices(4),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+
+    # Two processes, killed together mid-run (SIGTERM saves collectively), then restarted.
+    procs = launch_two(folder, tmp_path / "two", 6)
+    metrics_file = tmp_path / "two" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    codes, outs = wait_all(procs)
+    assert codes == [128 + signal.SIGTERM] * 2, outs
+    stopped_at = max(checkpoint.create_manager(tmp_path / "two" / CHECKPOINT_DIR,
+                                               read_only=True).all_steps())
+    assert 1 <= stopped_at < 6
+
+    codes, outs = wait_all(launch_two(folder, tmp_path / "two", 6))
+    assert codes == [0, 0], outs
+    assert f"resumed from {tmp_path / 'two' / CHECKPOINT_DIR} at step {stopped_at}" in outs[0][0]
+    # Only process 0 prints and writes (gloo's own C++ connection notices aside).
+    assert [line for line in outs[1][0].splitlines() if not line.startswith("[Gloo]")] == []
+
+    assert_close(variables(tmp_path / "two"), variables(tmp_path / "one"), rtol=1e-10)
+    last_two, last_one = last_eval(tmp_path / "two"), last_eval(tmp_path / "one")
+    assert last_two["count"] == last_one["count"] == 14  # every example once, across processes
+    assert last_two["top1"] == last_one["top1"]
+    assert abs(last_two["loss"] - last_one["loss"]) <= 1e-10 * abs(last_one["loss"])
+
+
+def last_eval(workdir: Path) -> dict:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "eval"][-1]
+
+
+def test_unreachable_coordinator_fails_in_bounded_time_with_a_clear_message(tmp_path):
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxsft.train", "--workdir", str(tmp_path / "w"),
+         "--coordinator-address", f"localhost:{free_port()}", "--num-processes", "2",
+         "--process-id", "1", "--distributed-timeout", "3"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert time.monotonic() - start < 60
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "python -m jaxsft.train: error: could not reach the coordinator at localhost:")

@@ -156,6 +156,19 @@ def torch_sgd(params, lr=SGD.lr):
     return torch.optim.SGD(params, lr=lr, momentum=SGD.momentum, weight_decay=SGD.weight_decay)
 
 
+def torch_frozen_bn_loop(model, optimizer, images, labels) -> np.ndarray:
+    """torch training with the model in eval mode (running statistics, not updated)."""
+    model.eval()
+    losses = []
+    for x, y in zip(images, labels):
+        loss = torch.nn.functional.cross_entropy(model(nchw(x)), torch.from_numpy(y))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return np.array(losses)
+
+
 # ------------------------------------------------------------------------- BatchNorm modes
 
 
@@ -165,15 +178,8 @@ def test_frozen_bn_matches_torch_training_in_eval_mode(net, sgd, x64):
     state0 = new_state(state_dict, sgd[0])
     state, losses, _ = run_jax(state0, images, labels, bn_mode="frozen")
 
-    model = torch_model(state_dict).eval()
-    optimizer = torch_sgd(model.parameters())
-    torch_losses = []
-    for x, y in zip(images, labels):
-        loss = torch.nn.functional.cross_entropy(model(nchw(x)), torch.from_numpy(y))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        torch_losses.append(loss.item())
+    model = torch_model(state_dict)
+    torch_losses = torch_frozen_bn_loop(model, torch_sgd(model.parameters()), images, labels)
     np.testing.assert_allclose(losses, torch_losses, rtol=1e-10)
     assert_trees_close(state.params, to_flax(model.state_dict())["params"])
     assert_trees_equal(state.batch_stats, state0.batch_stats)
@@ -243,15 +249,9 @@ def test_masked_examples_change_nothing(net, sgd, x64):
     p_images, p_labels, masks = padded(images, labels, np.random.RandomState(1))
     state, losses, metrics = run_jax(new_state(state_dict, sgd[0]), p_images, p_labels, masks,
                                      bn_mode="frozen")
-    model = torch_model(state_dict).eval()
-    optimizer = torch_sgd(model.parameters())
-    torch_losses = []
-    for x, y in zip(images[:, :-5], labels[:, :-5]):
-        loss = torch.nn.functional.cross_entropy(model(nchw(x)), torch.from_numpy(y))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        torch_losses.append(loss.item())
+    model = torch_model(state_dict)
+    torch_losses = torch_frozen_bn_loop(model, torch_sgd(model.parameters()), images[:, :-5],
+                                        labels[:, :-5])
     np.testing.assert_allclose(losses, torch_losses, rtol=1e-10)
     assert_trees_close(state.params, to_flax(model.state_dict())["params"])
     assert [m["count"] for m in metrics] == [BATCH - 5] * 3
@@ -295,16 +295,11 @@ def test_linear_probe_trains_the_head_only_and_keeps_the_backbone_bit_identical(
     assert_trees_equal(state.batch_stats, state0.batch_stats)
     assert all(m["lr"] == np.float32(0.05) for m in metrics)
 
-    model = torch_model(state_dict).eval()
+    model = torch_model(state_dict)
     for p in model.parameters():
         p.requires_grad_(False)
     model.fc.requires_grad_(True)
-    optimizer = torch_sgd(model.fc.parameters(), lr=0.5)
-    for x, y in zip(images, labels):
-        loss = torch.nn.functional.cross_entropy(model(nchw(x)), torch.from_numpy(y))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    torch_frozen_bn_loop(model, torch_sgd(model.fc.parameters(), lr=0.5), images, labels)
     assert_trees_close(state.params["fc"], to_flax(model.state_dict())["params"]["fc"])
 
 

@@ -1,0 +1,347 @@
+"""2-D convolution that is fast on XLA:CPU, exact everywhere.
+
+XLA:CPU runs some convolutions and most convolution gradients far below its matrix-product
+speed: a 3x3 convolution on a 2x2 map is rewritten with the kernel as the "image" and runs at
+~1 GFLOP/s; weight gradients go through layout transposes and a slow convolution kernel. The
+same arithmetic written as taps (strided slices of the padded input, concatenated along the
+channels: im2col) and one matrix product runs at dot speed, and JAX differentiates it into
+matrix products too (the transposes of slice and concatenate are pads and slices).
+
+`conv2d` picks, per pass (forward, input gradient, kernel gradient) and per shape, either XLA's
+convolution or the matrix-product form; the choice only changes float rounding. On any other
+backend (GPU, TPU) it is plain `lax.conv_general_dilated`. `Conv` is a drop-in for
+`flax.linen.Conv(use_bias=False)` with explicit padding: same parameter ("kernel", HWIO).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+XLA = "xla"
+GEMM = "gemm"
+ALGORITHMS = (XLA, GEMM)
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+PaddingLike = str | int | Sequence[int | tuple[int, int]]  # as flax.linen.Conv accepts
+
+# choose_algorithms' thresholds (output positions Ho*Wo, channels), from benchmarks/cpu_notes.md.
+SMALL_MAP = 16
+MEDIUM_MAP = 64
+KERNEL_GRAD_MAP = 196
+WIDE = 256
+
+__all__ = ["ALGORITHMS", "Algorithms", "Conv", "choose_algorithms", "conv2d", "max_pool"]
+
+
+class Algorithms(NamedTuple):
+    """How each pass computes: "xla" (lax convolution) or "gemm" (taps + matrix product)."""
+
+    forward: str = XLA
+    input_grad: str = XLA
+    kernel_grad: str = XLA
+
+
+class _Geometry(NamedTuple):
+    """The static description of one convolution (hashable: a custom_vjp static argument)."""
+
+    strides: tuple[int, int]
+    padding: Padding
+    groups: int
+    algorithms: Algorithms
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int] = (1, 1),
+    padding: PaddingLike = ((0, 0), (0, 0)),
+    feature_group_count: int = 1,
+    *,
+    algorithms: Algorithms | None = None,
+) -> jax.Array:
+    """NHWC x HWIO convolution, `lax.conv_general_dilated` semantics (no dilation).
+
+    `algorithms` forces the CPU formulation of each pass (tests, benchmarks); by default
+    `choose_algorithms` decides from the shapes. Other backends always use XLA's convolution.
+    """
+    strides = _pair(strides, "strides")
+    if x.ndim != 4 or kernel.ndim != 4:
+        raise ValueError(f"conv2d takes NHWC input and HWIO kernel, got shapes {x.shape} and "
+                         f"{kernel.shape}")
+    pads = _padding(padding, x.shape[1:3], kernel.shape[:2], strides)
+    _check_shapes(x.shape, kernel.shape, feature_group_count)
+    if algorithms is None:
+        algorithms = choose_algorithms(x.shape, kernel.shape, strides, pads, feature_group_count)
+    elif any(a not in ALGORITHMS for a in algorithms):
+        raise ValueError(f"algorithms must be drawn from {ALGORITHMS}, got {algorithms}")
+    geometry = _Geometry(strides, pads, feature_group_count, Algorithms(*algorithms))
+    xla = functools.partial(_xla_conv, geometry=geometry)
+    if geometry.algorithms == Algorithms(XLA, XLA, XLA):
+        return xla(x, kernel)
+    return lax.platform_dependent(x, kernel, cpu=functools.partial(_cpu_conv, geometry=geometry),
+                                  default=xla)
+
+
+def choose_algorithms(
+    x_shape: Sequence[int],
+    kernel_shape: Sequence[int],
+    strides: tuple[int, int],
+    padding: Padding,
+    groups: int = 1,
+) -> Algorithms:
+    """The faster exact formulation of each pass on XLA:CPU, by rules measured on ResNets.
+
+    - 1x1 kernels: a matrix product in every pass (XLA's 1x1 kernel gradient is 3-8x slower).
+    - small output maps (<= 16 positions, or <= 64 with >= 256 output channels): matrix
+      products (XLA swaps the operands of a 3x3 conv on a 2x2 map and runs at ~1 GFLOP/s).
+    - 3x3 convs on 14x14-ish maps with >= 256 input channels: XLA forward and input
+      gradient, matrix-product kernel gradient.
+    - otherwise (large maps, the 7x7 stem, grouped convs): XLA's convolution.
+    The measurements behind each rule are in benchmarks/cpu_notes.md.
+    """
+    kh, kw, cin, cout = kernel_shape
+    if groups != 1:
+        return Algorithms(XLA, XLA, XLA)
+    if kh == kw == 1:
+        return Algorithms(GEMM, GEMM, GEMM)
+    positions = _output_size(x_shape[1], kh, strides[0], padding[0]) * _output_size(
+        x_shape[2], kw, strides[1], padding[1])
+    if positions <= SMALL_MAP or (positions <= MEDIUM_MAP and cout >= WIDE):
+        return Algorithms(GEMM, GEMM, GEMM)
+    if positions <= KERNEL_GRAD_MAP and cin >= WIDE:
+        return Algorithms(XLA, XLA, GEMM)
+    return Algorithms(XLA, XLA, XLA)
+
+
+def _output_size(size: int, window: int, stride: int, pad: tuple[int, int]) -> int:
+    return (size + pad[0] + pad[1] - window) // stride + 1
+
+
+class Conv(nn.Module):
+    """`flax.linen.Conv` without bias, NHWC/HWIO, computed by `conv2d`.
+
+    Same parameter name, shape ((kh, kw, in_features // groups, features)), initialiser call
+    and dtype promotion as `nn.Conv(..., use_bias=False)`, so variables are interchangeable.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int] = (1, 1)
+    padding: PaddingLike = ((0, 0), (0, 0))
+    feature_group_count: int = 1
+    use_bias: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_bias:
+            raise ValueError("jaxsft Conv has no bias (ResNets follow every conv with BatchNorm): "
+                             "use flax.linen.Conv for a biased convolution")
+        kh, kw = _pair(self.kernel_size, "kernel_size")
+        in_features = x.shape[-1]
+        if in_features % self.feature_group_count:
+            raise ValueError(f"input features {in_features} are not divisible by "
+                             f"feature_group_count={self.feature_group_count}")
+        shape = (kh, kw, in_features // self.feature_group_count, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return conv2d(x, kernel, self.strides, self.padding, self.feature_group_count)
+
+
+# ------------------------------------------------------------------------- formulations
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, geometry: _Geometry) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, geometry.strides, geometry.padding,
+                                    dimension_numbers=DIMENSION_NUMBERS,
+                                    feature_group_count=geometry.groups)
+
+
+def _gemm_conv(x: jax.Array, kernel: jax.Array, geometry: _Geometry) -> jax.Array:
+    """im2col + one (batched over groups) matrix product; differentiable into dots."""
+    kh, kw, cin_g, cout = kernel.shape
+    g = geometry.groups
+    patches = _patches(x, (kh, kw), geometry.strides, geometry.padding)  # B,Ho,Wo,T*C
+    b, ho, wo, _ = patches.shape
+    if g == 1:
+        return lax.dot_general(patches, kernel.reshape(kh * kw * cin_g, cout),
+                               (((3,), (0,)), ((), ())))
+    # Channels of x and of the output are group-major: c = group * per_group + i.
+    patches = patches.reshape(b, ho, wo, kh * kw, g, cin_g)
+    w = kernel.reshape(kh * kw, cin_g, g, cout // g)
+    y = lax.dot_general(patches, w, (((3, 5), (0, 1)), ((4,), (2,))))  # G,B,Ho,Wo,Og
+    return jnp.moveaxis(y, 0, 3).reshape(b, ho, wo, cout)
+
+
+def _patches(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+             padding: Padding) -> jax.Array:
+    """[B, Ho, Wo, kh*kw*C], feature order (i, j, c) as in a reshaped HWIO kernel."""
+    (kh, kw), (sh, sw) = window, strides
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0))) if any(p for pair in padding for p in pair) else x
+    ho = (xp.shape[1] - kh) // sh + 1
+    wo = (xp.shape[2] - kw) // sw + 1
+    taps = [
+        lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + sh * (ho - 1) + 1,
+                                     j + sw * (wo - 1) + 1, xp.shape[3]), (1, sh, sw, 1))
+        for i in range(kh) for j in range(kw)
+    ]
+    return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+def _pass(algorithm: str, geometry: _Geometry) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    return functools.partial(_gemm_conv if algorithm == GEMM else _xla_conv, geometry=geometry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_conv(x: jax.Array, kernel: jax.Array, geometry: _Geometry) -> jax.Array:
+    return _pass(geometry.algorithms.forward, geometry)(x, kernel)
+
+
+def _mixed_fwd(x: jax.Array, kernel: jax.Array, geometry: _Geometry):
+    return _mixed_conv(x, kernel, geometry), (x, kernel)
+
+
+def _mixed_bwd(geometry: _Geometry, residuals: tuple, g: jax.Array):
+    x, kernel = residuals
+    input_pass = _pass(geometry.algorithms.input_grad, geometry)
+    kernel_pass = _pass(geometry.algorithms.kernel_grad, geometry)
+    dx = jax.vjp(lambda x_: input_pass(x_, kernel), x)[1](g)[0]
+    dk = jax.vjp(lambda k_: kernel_pass(x, k_), kernel)[1](g)[0]
+    return dx, dk
+
+
+_mixed_conv.defvjp(_mixed_fwd, _mixed_bwd)
+
+
+def _cpu_conv(x: jax.Array, kernel: jax.Array, geometry: _Geometry) -> jax.Array:
+    algorithms = geometry.algorithms
+    if len(set(algorithms)) == 1:  # one formulation throughout: plain autodiff, jvp works
+        return _pass(algorithms.forward, geometry)(x, kernel)
+    return _mixed_conv(x, kernel, geometry)
+
+
+# ------------------------------------------------------------------------- max pooling
+
+
+def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 0) -> jax.Array:
+    """NHWC max pooling with symmetric -inf padding, torch.nn.functional.max_pool2d semantics.
+
+    On CPU the forward is the maximum of strided slices and the gradient goes to the first
+    maximum of each window in row-major order (torch's choice), scattered with pads: XLA:CPU's
+    own gradient of `reduce_window` (select-and-scatter) takes ~10x longer than the
+    convolution after it. Other backends use `flax.linen.max_pool`, whose gradient also picks
+    the first maximum.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"max_pool takes NHWC input, got shape {x.shape}")
+    if min(window, stride) < 1 or padding < 0 or 2 * padding > window:
+        raise ValueError(f"max_pool needs window, stride >= 1 and 0 <= padding <= window / 2, "
+                         f"got window={window}, stride={stride}, padding={padding}")
+    pool = _PoolGeometry(window, stride, padding)
+
+    def default(x: jax.Array) -> jax.Array:
+        return nn.max_pool(x, (window, window), (stride, stride),
+                           ((padding, padding), (padding, padding)))
+
+    return lax.platform_dependent(x, cpu=functools.partial(_tap_max_pool, pool=pool),
+                                  default=default)
+
+
+class _PoolGeometry(NamedTuple):
+    window: int
+    stride: int
+    padding: int
+
+
+def _pool_taps(x: jax.Array, pool: _PoolGeometry) -> list[jax.Array]:
+    k, s, p = pool
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf)
+    ho = (xp.shape[1] - k) // s + 1
+    wo = (xp.shape[2] - k) // s + 1
+    return [
+        lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + s * (ho - 1) + 1, j + s * (wo - 1) + 1,
+                                     xp.shape[3]), (1, s, s, 1))
+        for i in range(k) for j in range(k)
+    ]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tap_max_pool(x: jax.Array, pool: _PoolGeometry) -> jax.Array:
+    return functools.reduce(jnp.maximum, _pool_taps(x, pool))
+
+
+def _tap_max_pool_fwd(x: jax.Array, pool: _PoolGeometry):
+    taps = _pool_taps(x, pool)
+    index_dtype = jnp.int8 if len(taps) <= 127 else jnp.int32
+    y, first = taps[0], jnp.zeros(taps[0].shape, index_dtype)
+    for t, tap in enumerate(taps[1:], 1):
+        later = tap > y  # strict: ties keep the earlier (first) maximum
+        first = jnp.where(later, jnp.asarray(t, index_dtype), first)
+        y = jnp.where(later, tap, y)
+    return y, (first, x.shape)
+
+
+def _tap_max_pool_bwd(pool: _PoolGeometry, residuals: tuple, g: jax.Array):
+    first, shape = residuals
+    k, s, p = pool
+    ho, wo = g.shape[1:3]
+    hp, wp = shape[1] + 2 * p, shape[2] + 2 * p
+    zero = jnp.zeros((), g.dtype)
+    grads = []
+    for t in range(k * k):
+        i, j = divmod(t, k)
+        routed = jnp.where(first == t, g, zero)
+        grads.append(lax.pad(routed, zero, ((0, 0, 0), (i, hp - i - s * (ho - 1) - 1, s - 1),
+                                            (j, wp - j - s * (wo - 1) - 1, s - 1), (0, 0, 0))))
+    dxp = functools.reduce(jnp.add, grads)
+    return (dxp[:, p:p + shape[1], p:p + shape[2], :],)
+
+
+_tap_max_pool.defvjp(_tap_max_pool_fwd, _tap_max_pool_bwd)
+
+
+# ------------------------------------------------------------------------- arguments
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _padding(padding: PaddingLike, spatial: Sequence[int],
+             window: Sequence[int], strides: tuple[int, int]) -> Padding:
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"padding must be 'SAME', 'VALID', an int or ((top, bottom), "
+                             f"(left, right)), got {padding!r}")
+        pads = lax.padtype_to_pads(tuple(spatial), tuple(window), strides, padding.upper())
+    elif isinstance(padding, int):
+        pads = [(padding, padding)] * 2
+    else:
+        pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    if len(pads) != 2 or not all(len(p) == 2 and all(isinstance(v, int) and v >= 0 for v in p)
+                                 for p in pads):
+        raise ValueError(f"padding must be 'SAME', 'VALID', an int or ((top, bottom), (left, "
+                         f"right)) of non-negative ints, got {padding!r}")
+    return tuple((int(lo), int(hi)) for lo, hi in pads)  # type: ignore[return-value]
+
+
+def _check_shapes(x_shape: Sequence[int], kernel_shape: Sequence[int], groups: int) -> None:
+    if groups < 1 or x_shape[3] % groups or kernel_shape[3] % groups:
+        raise ValueError(f"feature_group_count={groups} must divide the input features "
+                         f"{x_shape[3]} and the output features {kernel_shape[3]}")
+    if kernel_shape[2] * groups != x_shape[3]:
+        raise ValueError(f"kernel {tuple(kernel_shape)} expects {kernel_shape[2] * groups} "
+                         f"input features (HWIO, I = in_features / groups), got {x_shape[3]}")

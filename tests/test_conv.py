@@ -130,15 +130,20 @@ def test_conv_module_string_and_int_padding_follow_lax(padding):
     np.testing.assert_allclose(module.apply(variables, x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_uniform_formulations_support_forward_mode(x64):
+def test_xla_formulation_keeps_forward_mode_and_gemm_supports_second_order(x64):
     x, kernel, _ = random_case(SHAPES[0], jnp.float64)
     tangents = (jnp.ones_like(x), jnp.ones_like(kernel))
-    for algorithms in (Algorithms("gemm", "gemm", "gemm"), Algorithms("xla", "xla", "xla")):
-        ours = functools.partial(conv2d, strides=1, padding=1, algorithms=algorithms)
-        _, got = jax.jvp(ours, (x, kernel), tangents)
-        _, want = jax.jvp(lambda x, k: reference(x, k, 1, ((1, 1), (1, 1)), 1), (x, kernel),
-                          tangents)
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    ours = functools.partial(conv2d, strides=1, padding=1, algorithms=Algorithms())
+    theirs = functools.partial(reference, stride=1, padding=((1, 1), (1, 1)), groups=1)
+    np.testing.assert_allclose(jax.jvp(ours, (x, kernel), tangents)[1],
+                               jax.jvp(theirs, (x, kernel), tangents)[1], rtol=1e-12, atol=1e-12)
+    gemm = functools.partial(conv2d, strides=1, padding=1, algorithms=Algorithms(*["gemm"] * 3))
+
+    def grad_norm(conv):  # reverse-over-reverse through the custom VJP
+        return lambda k: jnp.sum(jax.grad(lambda k: jnp.sum(conv(x, k) ** 2))(k) ** 2)
+
+    np.testing.assert_allclose(jax.grad(grad_norm(gemm))(kernel),
+                               jax.grad(grad_norm(theirs))(kernel), rtol=1e-10, atol=1e-10)
 
 
 def test_small_maps_and_1x1_kernels_use_matrix_products_and_the_stem_uses_xla():

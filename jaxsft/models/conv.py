@@ -1,16 +1,19 @@
 """2-D convolution that is fast on XLA:CPU, exact everywhere.
 
-XLA:CPU runs some convolutions and most convolution gradients far below its matrix-product
-speed: a 3x3 convolution on a 2x2 map is rewritten with the kernel as the "image" and runs at
-~1 GFLOP/s; weight gradients go through layout transposes and a slow convolution kernel. The
-same arithmetic written as taps (strided slices of the padded input, concatenated along the
-channels: im2col) and one matrix product runs at dot speed, and JAX differentiates it into
-matrix products too (the transposes of slice and concatenate are pads and slices).
+XLA:CPU runs some convolutions and convolution gradients far below its matrix-product speed:
+a 3x3 convolution on a 2x2 map is rewritten with the kernel as the "image" and runs at
+~1 GFLOP/s, and a 1x1 convolution's kernel gradient goes through layout transposes with the
+BatchNorm backward fused into them. The same arithmetic written as taps (strided slices of the
+padded input, concatenated along the channels: im2col) and one matrix product runs at dot
+speed; its gradients are matrix products too: dx = col2im(g W^T), dW = patches^T g, written
+out in a custom VJP with the transposes placed where XLA's YNNPACK dots accept them.
 
 `conv2d` picks, per pass (forward, input gradient, kernel gradient) and per shape, either XLA's
 convolution or the matrix-product form; the choice only changes float rounding. On any other
 backend (GPU, TPU) it is plain `lax.conv_general_dilated`. `Conv` is a drop-in for
-`flax.linen.Conv(use_bias=False)` with explicit padding: same parameter ("kernel", HWIO).
+`flax.linen.Conv(use_bias=False)`: same parameter ("kernel", HWIO), init and dtype promotion.
+Where a matrix-product pass is chosen (CPU only) the convolution is a custom VJP: reverse-mode
+(grad, vjp) works to any order, forward-mode (jvp, jacfwd) does not.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ PaddingLike = str | int | Sequence[int | tuple[int, int]]  # as flax.linen.Conv 
 # choose_algorithms' thresholds (output positions Ho*Wo, channels), from benchmarks/cpu_notes.md.
 SMALL_MAP = 16
 MEDIUM_MAP = 64
-KERNEL_GRAD_MAP = 196
 WIDE = 256
 
 __all__ = ["ALGORITHMS", "Algorithms", "Conv", "choose_algorithms", "conv2d", "max_pool"]
@@ -102,12 +104,10 @@ def choose_algorithms(
     - 1x1 kernels: a matrix product in every pass (XLA's 1x1 kernel gradient is 3-8x slower).
     - small output maps (<= 16 positions, or <= 64 with >= 256 output channels): matrix
       products (XLA swaps the operands of a 3x3 conv on a 2x2 map and runs at ~1 GFLOP/s).
-    - 3x3 convs on 14x14-ish maps with >= 256 input channels: XLA forward and input
-      gradient, matrix-product kernel gradient.
     - otherwise (large maps, the 7x7 stem, grouped convs): XLA's convolution.
     The measurements behind each rule are in benchmarks/cpu_notes.md.
     """
-    kh, kw, cin, cout = kernel_shape
+    kh, kw, _, cout = kernel_shape
     if groups != 1:
         return Algorithms(XLA, XLA, XLA)
     if kh == kw == 1:
@@ -116,8 +116,6 @@ def choose_algorithms(
         x_shape[2], kw, strides[1], padding[1])
     if positions <= SMALL_MAP or (positions <= MEDIUM_MAP and cout >= WIDE):
         return Algorithms(GEMM, GEMM, GEMM)
-    if positions <= KERNEL_GRAD_MAP and cin >= WIDE:
-        return Algorithms(XLA, XLA, GEMM)
     return Algorithms(XLA, XLA, XLA)
 
 
@@ -198,36 +196,70 @@ def _patches(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
     return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
 
 
-def _pass(algorithm: str, geometry: _Geometry) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    return functools.partial(_gemm_conv if algorithm == GEMM else _xla_conv, geometry=geometry)
+def _gemm_input_grad(g: jax.Array, kernel: jax.Array, x_shape: Sequence[int],
+                     geometry: _Geometry) -> jax.Array:
+    """dx = col2im(g W^T): the kernel matrix is transposed explicitly (it is small) so the
+    product is a plain row-major dot, then patch gradients are scattered back with pads."""
+    kh, kw, cin, cout = kernel.shape
+    kernel_t = jnp.transpose(kernel.reshape(kh * kw * cin, cout))  # [O, T*C]
+    d_patches = lax.dot_general(g, kernel_t, (((3,), (0,)), ((), ())))
+    _, col2im = jax.vjp(lambda x: _patches(x, (kh, kw), geometry.strides, geometry.padding),
+                        jnp.zeros(x_shape, g.dtype))
+    return col2im(d_patches)[0]
+
+
+def _gemm_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
+                      geometry: _Geometry) -> jax.Array:
+    """dK = patches^T g with the patches transposed first, so the product is a plain dot.
+
+    Left to autodiff, XLA transposes g instead, with the BatchNorm backward fused into that
+    transpose (~1 s per ResNet-50 step), and runs the product outside YNNPACK. The barrier
+    keeps the activation's producer out of the transpose.
+    """
+    kh, kw, cin, cout = kernel_shape
+    patches = _patches(lax.optimization_barrier(x), (kh, kw), geometry.strides, geometry.padding)
+    patches_t = jnp.transpose(patches.reshape(-1, kh * kw * cin))  # [T*C, N]
+    return lax.dot(patches_t, g.reshape(-1, cout)).reshape(kernel_shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _mixed_conv(x: jax.Array, kernel: jax.Array, geometry: _Geometry) -> jax.Array:
-    return _pass(geometry.algorithms.forward, geometry)(x, kernel)
+def _cpu_conv_vjp(x: jax.Array, kernel: jax.Array, geometry: _Geometry) -> jax.Array:
+    forward = _gemm_conv if geometry.algorithms.forward == GEMM else _xla_conv
+    return forward(x, kernel, geometry)
 
 
-def _mixed_fwd(x: jax.Array, kernel: jax.Array, geometry: _Geometry):
-    return _mixed_conv(x, kernel, geometry), (x, kernel)
+def _cpu_conv_fwd(x: jax.Array, kernel: jax.Array, geometry: _Geometry):
+    return _cpu_conv_vjp(x, kernel, geometry), (x, kernel)
 
 
-def _mixed_bwd(geometry: _Geometry, residuals: tuple, g: jax.Array):
+def _cpu_conv_bwd(geometry: _Geometry, residuals: tuple, g: jax.Array):
     x, kernel = residuals
-    input_pass = _pass(geometry.algorithms.input_grad, geometry)
-    kernel_pass = _pass(geometry.algorithms.kernel_grad, geometry)
-    dx = jax.vjp(lambda x_: input_pass(x_, kernel), x)[1](g)[0]
-    dk = jax.vjp(lambda k_: kernel_pass(x, k_), kernel)[1](g)[0]
+    algorithms = geometry.algorithms
+    xla = functools.partial(_xla_conv, geometry=geometry)
+    gemm = functools.partial(_gemm_conv, geometry=geometry)
+    grouped = geometry.groups != 1
+    if algorithms.input_grad == XLA:
+        dx = jax.vjp(lambda x_: xla(x_, kernel), x)[1](g)[0]
+    elif grouped:
+        dx = jax.vjp(lambda x_: gemm(x_, kernel), x)[1](g)[0]
+    else:
+        dx = _gemm_input_grad(g, kernel, x.shape, geometry)
+    if algorithms.kernel_grad == XLA:
+        dk = jax.vjp(lambda k_: xla(x, k_), kernel)[1](g)[0]
+    elif grouped:
+        dk = jax.vjp(lambda k_: gemm(x, k_), kernel)[1](g)[0]
+    else:
+        dk = _gemm_kernel_grad(x, g, kernel.shape, geometry)
     return dx, dk
 
 
-_mixed_conv.defvjp(_mixed_fwd, _mixed_bwd)
+_cpu_conv_vjp.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
 
 
 def _cpu_conv(x: jax.Array, kernel: jax.Array, geometry: _Geometry) -> jax.Array:
-    algorithms = geometry.algorithms
-    if len(set(algorithms)) == 1:  # one formulation throughout: plain autodiff, jvp works
-        return _pass(algorithms.forward, geometry)(x, kernel)
-    return _mixed_conv(x, kernel, geometry)
+    if geometry.algorithms == Algorithms(XLA, XLA, XLA):
+        return _xla_conv(x, kernel, geometry)
+    return _cpu_conv_vjp(x, kernel, geometry)
 
 
 # ------------------------------------------------------------------------- max pooling

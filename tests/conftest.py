@@ -22,3 +22,14 @@ def x64():
     """Float64 semantics for one test: where two correct implementations agree to ~1e-15."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch's spinning worker threads fight XLA's for 2 cores; one thread is ~5x faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

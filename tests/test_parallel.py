@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_trees_close
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxsft.config import OptimConfig
@@ -61,14 +62,6 @@ def initial_state(schedule_cfg: OptimConfig):
 def per_device(batch: dict) -> dict:
     return {k: np.asarray(v).reshape(DEVICES, -1, *np.shape(v)[1:]) for k, v in batch.items()}
 
-
-def assert_trees_close(ours, theirs, rtol=1e-10):
-    """Per leaf: max |ours - theirs| <= rtol * max |theirs|."""
-    for path, want in jax.tree_util.tree_flatten_with_path(theirs)[0]:
-        got = np.asarray(functools.reduce(lambda t, k: t[k.key], path, ours))
-        want = np.asarray(want)
-        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-300)
-        assert err <= rtol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
 
 
 def assert_metrics_equal(got: list, want: list) -> None:

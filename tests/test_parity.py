@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import assert_trees_close
 
 from jaxsft.config import OptimConfig
 from jaxsft.models import create_model
@@ -35,13 +36,7 @@ SIZE = 40
 CLASSES = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_one_thread():
-    """torch's spinning worker threads fight XLA's for 2 cores; one thread is ~5x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +94,6 @@ def jax_loop(path, images, labels, *, dtype, cfg: OptimConfig, label_smoothing=0
         losses.append(float(metrics["loss"]))
     return np.array(losses), state
 
-
-def assert_trees_close(ours, theirs, rtol: float) -> None:
-    """Per leaf: max |ours - theirs| <= rtol * max |theirs| (a relative error per tensor)."""
-    flat_ours = dict(jax.tree_util.tree_flatten_with_path(ours)[0])
-    flat_theirs = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
-    assert flat_ours.keys() == flat_theirs.keys()
-    for path, want in flat_theirs.items():
-        got, want = np.asarray(flat_ours[path]), np.asarray(want)
-        assert got.shape == want.shape, path
-        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-300)
-        assert err <= rtol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
 
 
 SEED_CASES = {

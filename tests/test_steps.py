@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from helpers import assert_trees_close
 from torchvision.models.resnet import BasicBlock as TorchBasicBlock
 from torchvision.models.resnet import ResNet as TorchResNet
 
@@ -36,13 +37,7 @@ step_fn = jax.jit(train_step, static_argnames=("axis_name", "label_smoothing", "
 eval_fn = jax.jit(eval_step)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_one_thread():
-    """torch's spinning worker threads fight XLA's for 2 cores; one thread is ~5x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -135,16 +130,6 @@ def run_jax(state, images, labels, masks=None, **options):
         all_metrics.append(jax.device_get(metrics))
     return state, np.array(losses), all_metrics
 
-
-def assert_trees_close(ours, theirs, rtol=1e-10):
-    """Per leaf: max |ours - theirs| <= rtol * max |theirs|."""
-    flat_theirs = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
-    flat_ours = dict(jax.tree_util.tree_flatten_with_path(ours)[0])
-    assert flat_ours.keys() == flat_theirs.keys()
-    for path, want in flat_theirs.items():
-        got, want = np.asarray(flat_ours[path]), np.asarray(want)
-        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-300)
-        assert err <= rtol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
 
 
 def assert_trees_equal(a, b):

@@ -1,0 +1,16 @@
+"""Assertions shared by the test modules (imported as `helpers`; tests/ is on sys.path)."""
+
+import jax
+import numpy as np
+
+
+def assert_trees_close(ours, theirs, rtol: float = 1e-10) -> None:
+    """Per leaf: max |ours - theirs| <= rtol * max |theirs| (a relative error per tensor)."""
+    flat_ours = dict(jax.tree_util.tree_flatten_with_path(ours)[0])
+    flat_theirs = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
+    assert flat_ours.keys() == flat_theirs.keys()
+    for path, want in flat_theirs.items():
+        got, want = np.asarray(flat_ours[path]), np.asarray(want)
+        assert got.shape == want.shape, path
+        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-300)
+        assert err <= rtol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxsft.models.conv import Conv, max_pool
+
 # torch's BatchNorm momentum 0.1 is Flax's 0.9: running = 0.9 * running + 0.1 * batch.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -144,9 +146,9 @@ def _layers(dtype: Any, train: bool, axis_name: str | None):
 
     def conv(features: int, k: int, stride: int, groups: int = 1, name: str | None = None):
         pad = k // 2  # torchvision: 7x7 pad 3, 3x3 pad 1, 1x1 pad 0, all symmetric
-        return nn.Conv(features, (k, k), (stride, stride), padding=((pad, pad), (pad, pad)),
-                       feature_group_count=groups, use_bias=False, dtype=dtype,
-                       param_dtype=pdtype, kernel_init=conv_init, name=name)
+        return Conv(features, (k, k), (stride, stride), padding=((pad, pad), (pad, pad)),
+                    feature_group_count=groups, dtype=dtype, param_dtype=pdtype,
+                    kernel_init=conv_init, name=name)
 
     def norm(name: str | None = None):
         return BatchNorm(use_running_average=not train, axis_name=axis_name, dtype=dtype,
@@ -182,7 +184,7 @@ class ResNet(nn.Module):
         conv, norm = _layers(self.dtype, train, axis_name)
         x = x.astype(self.dtype)
         x = nn.relu(norm(name="bn1")(conv(64, 7, 2, name="conv1")(x)))
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, window=3, stride=2, padding=1)
         for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), self.layers), 1):
             for i in range(blocks):
                 stride = 2 if stage > 1 and i == 0 else 1

@@ -126,6 +126,8 @@ class RunConfig:
     eval_every: int | None = _field(None, "evaluate every N steps (default: each epoch)")
     checkpoint_every: int | None = _field(None, "checkpoint every N steps (default: each epoch)")
     keep: int = _field(3, "latest checkpoints to keep (the best is kept too)")
+    async_checkpoints: bool = _field(
+        True, "write checkpoints in a background thread while training goes on")
     log_every: int = _field(10, "write train metrics every N steps")
     resume: str | None = _field(None, "checkpoint to start from when the workdir has none")
     overwrite: bool = _field(

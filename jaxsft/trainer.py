@@ -142,7 +142,8 @@ def fit(cfg: Config) -> TrainState:
     is_main = jax.process_index() == 0
     workdir = workdir_lib.prepare(cfg, write=is_main)
     say = _printer(is_main)
-    manager = checkpoint.create_manager(workdir / CHECKPOINT_DIR, keep=cfg.run.keep)
+    manager = checkpoint.create_manager(workdir / CHECKPOINT_DIR, keep=cfg.run.keep,
+                                        asynchronous=cfg.run.async_checkpoints)
     try:
         state, origin = restore_or_init(cfg, plan, manager)
         say(f"{cfg.model.model} on {plan.info.name}: {plan.num_classes} classes, "

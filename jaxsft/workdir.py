@@ -11,7 +11,7 @@ from jaxsft.config import Config, ConfigError
 # Fields that change how a run is watched or saved, not what it computes.
 OPERATIONAL_FIELDS = frozenset({
     "workdir", "eval_every", "checkpoint_every", "keep", "log_every", "overwrite", "resume",
-    "eval_batch_size",
+    "eval_batch_size", "async_checkpoints",
 })
 CONFIG_FILE = "config.json"
 

@@ -104,7 +104,10 @@ def test_fit_under_tfds_mock_data(tmp_path):
     write_metadata(tfds, "cifar10", tmp_path / "meta", {"train": 20, "test": 20})
     cfg = Config().replace(model="resnet18", dataset="cifar10", image_size=SIZE,
                            augment="light", batch_size=8, steps=3, log_every=1,
-                           eval_batch_size=8, workdir=str(tmp_path / "run"))
+                           eval_batch_size=8, workdir=str(tmp_path / "run"),
+                           # mock_data's patched file access races with Orbax's background
+                           # metadata writes (seen twice under load): save in the foreground
+                           async_checkpoints=False)
     with tfds.testing.mock_data(num_examples=20, data_dir=str(tmp_path / "meta"),
                                 policy=tfds.testing.MockPolicy.USE_FILES):
         state = fit(cfg)

@@ -4,6 +4,19 @@ import jax
 import numpy as np
 
 
+def randomize_batchnorm(model) -> None:
+    """Non-trivial BatchNorm affine parameters and running statistics in a torch model."""
+    import torch
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+
+
 def assert_trees_close(ours, theirs, rtol: float = 1e-10) -> None:
     """Per leaf: max |ours - theirs| <= rtol * max |theirs| (a relative error per tensor)."""
     flat_ours = dict(jax.tree_util.tree_flatten_with_path(ours)[0])

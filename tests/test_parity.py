@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import assert_trees_close
+from helpers import assert_trees_close, randomize_batchnorm
 
 from jaxsft.config import OptimConfig
 from jaxsft.models import create_model
@@ -44,13 +44,7 @@ def seed_run(tmp_path_factory):
     """The seed's network saved as a float64 state dict file, and STEPS batches (NHWC)."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=CLASSES).double()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
+    randomize_batchnorm(model)
     rs = np.random.RandomState(0)
     images = rs.randn(STEPS, BATCH, SIZE, SIZE, 3)
     labels = rs.randint(0, CLASSES, (STEPS, BATCH))

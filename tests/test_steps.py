@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from helpers import assert_trees_close
+from helpers import assert_trees_close, randomize_batchnorm
 from torchvision.models.resnet import BasicBlock as TorchBasicBlock
 from torchvision.models.resnet import ResNet as TorchResNet
 
@@ -45,13 +45,7 @@ def net():
     """The torch network's float64 state dict and batches (NHWC images, labels)."""
     torch.manual_seed(0)
     model = TorchResNet(TorchBasicBlock, [1, 1, 1, 1], num_classes=CLASSES).double()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
+    randomize_batchnorm(model)
     rs = np.random.RandomState(0)
     images = rs.randn(3, BATCH, SIZE, SIZE, 3)
     labels = rs.randint(0, CLASSES, (3, BATCH))

@@ -99,7 +99,9 @@ class BatchNorm(nn.Module):
         return v if self.axis_name is None else jax.lax.pmean(v, self.axis_name)
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """What every residual block is built from (positional order used by ResNet)."""
+
     planes: int
     stride: int = 1
     groups: int = 1
@@ -107,6 +109,9 @@ class BasicBlock(nn.Module):
     dtype: Any = jnp.float32
     train: bool = False
     axis_name: str | None = None
+
+
+class BasicBlock(_Block):
     expansion = 1
 
     @nn.compact
@@ -117,16 +122,9 @@ class BasicBlock(nn.Module):
         return nn.relu(out + _shortcut(self, x, conv, norm))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """ResNet v1.5: the stride sits on the 3x3 convolution, as in torchvision."""
 
-    planes: int
-    stride: int = 1
-    groups: int = 1
-    base_width: int = 64
-    dtype: Any = jnp.float32
-    train: bool = False
-    axis_name: str | None = None
     expansion = 4
 
     @nn.compact

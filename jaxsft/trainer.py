@@ -89,11 +89,14 @@ def make_plan(cfg: Config) -> Plan:
                 checkpoint_every=cfg.run.checkpoint_every or spe, bn_mode=bn_mode)
 
 
-def initial_state(cfg: Config, plan: Plan) -> TrainState:
-    """A fresh TrainState from --weights (head replaced as needed) or random init."""
+def initial_state(cfg: Config, plan: Plan, pretrained: bool = True) -> TrainState:
+    """A fresh TrainState from --weights (head replaced as needed) or random init.
+
+    `pretrained=False` skips reading --weights: the state is only a target to restore into.
+    """
     model = create_model(cfg.model.model, plan.num_classes, dtype=jnp.dtype(cfg.model.dtype))
     init_rng, state_rng = jax.random.split(jax.random.key(cfg.run.seed))
-    if cfg.model.weights:
+    if cfg.model.weights and pretrained:
         variables = load_weights(cfg.model.weights, cfg.model.model,
                                  num_classes=plan.num_classes, rng=init_rng)
     else:
@@ -110,7 +113,8 @@ def initial_state(cfg: Config, plan: Plan) -> TrainState:
 
 def restore_or_init(cfg: Config, plan: Plan, manager) -> tuple[TrainState, str]:
     """The start state by priority: workdir checkpoint > --resume > --weights > random."""
-    state = initial_state(cfg, plan)
+    resuming = bool(manager.all_steps() or cfg.run.resume)  # then --weights is not read
+    state = initial_state(cfg, plan, pretrained=not resuming)
     if manager.all_steps():
         state, _ = checkpoint.restore(manager, state, "latest")
         return state, f"resumed from {manager.directory} at step {int(state.step)}"
@@ -245,7 +249,8 @@ def evaluate(cfg: Config, checkpoint_step: int | str = "best") -> dict[str, floa
     if not directory.is_dir():
         raise ConfigError(f"no checkpoints in {cfg.run.workdir}; train there first")
     with checkpoint.create_manager(directory, read_only=True, asynchronous=False) as manager:
-        state, meta = checkpoint.restore(manager, initial_state(cfg, plan), checkpoint_step)
+        state, meta = checkpoint.restore(manager, initial_state(cfg, plan, pretrained=False),
+                                         checkpoint_step)
     result = run_eval(steps.pmap_eval_step(), steps.replicate(state), cfg)
     return {**result, "step": int(state.step), "split": plan.info.eval_split}
 

@@ -178,3 +178,17 @@ def test_user_mistakes_fail_fast_with_exit_status_2(folder, tmp_path, bad_flags,
     assert last.startswith("python -m jaxsft.train: error: ") and message in last
     assert "Traceback" not in out.stderr
 
+
+
+def test_resume_does_not_need_the_weights_file_any_more(folder, tmp_path):
+    import jaxsft
+    from jaxsft.models import create_model
+
+    model = create_model("resnet18", num_classes=3)
+    variables = jax.jit(model.init)(jax.random.key(1), np.zeros((1, SIZE, SIZE, 3), np.float32))
+    weights = tmp_path / "pretrained.safetensors"
+    jaxsft.save_torch_state_dict(variables, weights)
+    cfg = small_config(folder, tmp_path / "run", steps=2, weights=str(weights))
+    fit(cfg)
+    weights.unlink()  # the workdir's checkpoint outranks --weights: nothing reads the file now
+    assert int(fit(cfg).step) == 2

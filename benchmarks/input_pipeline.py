@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from benchmarks.throughput import cpu_model
 
 SIZES = ((375, 500), (500, 375), (333, 500), (480, 640))
 
@@ -61,16 +62,6 @@ def time_batches(batches, warmup: int, count: int, batch_size: int) -> tuple[flo
     images = count * batch_size
     return (images / (time.perf_counter() - start),
             1000 * (time.process_time() - cpu) / images)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict:

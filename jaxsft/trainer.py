@@ -172,9 +172,9 @@ def fit(cfg: Config) -> TrainState:
 def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
                 say) -> tuple[TrainState, int]:
     """Steps from state.step to plan.total_steps; returns (state, unreadable images skipped)."""
-    _, schedule = optim.create_optimizer(cfg.optim, total_steps=plan.total_steps,
-                                         steps_per_epoch=plan.steps_per_epoch,
-                                         batch_size=cfg.data.batch_size)
+    schedule = optim.create_schedule(cfg.optim, total_steps=plan.total_steps,
+                                     steps_per_epoch=plan.steps_per_epoch,
+                                     batch_size=cfg.data.batch_size)
     train_step = steps.pmap_train_step(label_smoothing=cfg.run.label_smoothing,
                                        bn_mode=plan.bn_mode, accum_steps=cfg.run.accum_steps,
                                        learning_rate_fn=schedule)

@@ -6,7 +6,12 @@ and TensorFlow is imported only by the data module, only when data is read.
 
 import importlib
 
+from jaxsft import xla_cpu
+
 __version__ = "0.1.0"
+
+# Before JAX starts a backend: XLA reads its flags once (see jaxsft/xla_cpu.py).
+xla_cpu.apply()
 
 _EXPORTS = {
     "create_model": "jaxsft.models",

@@ -70,10 +70,11 @@ def train_step(
             f"batch of {images.shape[0]} examples (per device) is not divisible by "
             f"accum_steps={accum_steps}: change --batch-size or --accum-steps"
         )
-    count = _total(mask.sum(), axis_name)
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    axis_name = _collective_axis(axis_name)
+    count = _total(mask.sum(), axis_name)
     grads_fn = functools.partial(_micro_grads, state, denominator=jnp.maximum(count, 1),
                                  bn_mode=bn_mode, axis_name=axis_name,
                                  label_smoothing=label_smoothing)
@@ -87,8 +88,11 @@ def train_step(
     loss = sums["loss_sum"] / jnp.maximum(count, 1)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = _keep_if(finite, state.apply_gradients(grads=grads, batch_stats=batch_stats),
-                         state)
+    # A skipped step changes nothing, not even the step. cond rather than a select per leaf:
+    # it skips the update's work and the copies (~9% of a small CPU step).
+    new_state = jax.lax.cond(finite,
+                             lambda: state.apply_gradients(grads=grads, batch_stats=batch_stats),
+                             lambda: state)
     lr = jnp.nan if learning_rate_fn is None else learning_rate_fn(state.step)
     metrics = {
         "loss": loss,
@@ -237,21 +241,13 @@ def _add(a: Any, b: Any) -> Any:
     return jax.tree.map(jnp.add, a, b)
 
 
+def _collective_axis(axis_name: str | None) -> str | None:
+    """None when the axis has one device: its all-reduces would only copy (~7% of a CPU step)."""
+    return None if axis_name is None or jax.lax.axis_size(axis_name) == 1 else axis_name
+
+
 def _total(tree: Any, axis_name: str | None) -> Any:
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
-
-
-def _keep_if(ok: jax.Array, new: TrainState, old: TrainState) -> TrainState:
-    """`new` where ok, else `old` (a skipped step: nothing changes, not even the step)."""
-    def pick(a: Any, b: Any) -> Any:
-        return jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
-
-    return new.replace(
-        step=pick(new.step, old.step),
-        params=pick(new.params, old.params),
-        batch_stats=pick(new.batch_stats, old.batch_stats),
-        opt_state=pick(new.opt_state, old.opt_state),
-    )
 
 
 # ------------------------------------------------------------------------- data parallel

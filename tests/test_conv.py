@@ -151,6 +151,9 @@ def test_small_maps_and_1x1_kernels_use_matrix_products_and_the_stem_uses_xla():
     assert choose_algorithms((32, 2, 2, 512), (3, 3, 512, 512), (1, 1), ((1, 1),) * 2) == gemm
     assert choose_algorithms((32, 56, 56, 64), (1, 1, 64, 256), (1, 1), ((0, 0),) * 2) == gemm
     assert choose_algorithms((32, 224, 224, 3), (7, 7, 3, 64), (2, 2), ((3, 3),) * 2) == xla
+    # ResNet layer4 at 224x224: a 7x7 map is large enough for (Eigen's) XLA convolution.
+    assert choose_algorithms((32, 7, 7, 512), (3, 3, 512, 512), (1, 1), ((1, 1),) * 2) == xla
+    assert choose_algorithms((32, 4, 4, 256), (3, 3, 256, 256), (1, 1), ((1, 1),) * 2) == gemm
     assert choose_algorithms((32, 4, 4, 64), (3, 3, 4, 64), (1, 1), ((1, 1),) * 2, 16) == xla
 
 

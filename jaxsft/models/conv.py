@@ -35,10 +35,8 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 Padding = tuple[tuple[int, int], tuple[int, int]]
 PaddingLike = str | int | Sequence[int | tuple[int, int]]  # as flax.linen.Conv accepts
 
-# choose_algorithms' thresholds (output positions Ho*Wo, channels), from benchmarks/cpu_notes.md.
+# choose_algorithms' threshold (output positions Ho*Wo), from benchmarks/cpu_notes.md.
 SMALL_MAP = 16
-MEDIUM_MAP = 64
-WIDE = 256
 
 __all__ = ["ALGORITHMS", "Algorithms", "Conv", "choose_algorithms", "conv2d", "max_pool"]
 
@@ -102,19 +100,19 @@ def choose_algorithms(
     """The faster exact formulation of each pass on XLA:CPU, by rules measured on ResNets.
 
     - 1x1 kernels: a matrix product in every pass (XLA's 1x1 kernel gradient is 3-8x slower).
-    - small output maps (<= 16 positions, or <= 64 with >= 256 output channels): matrix
-      products (XLA swaps the operands of a 3x3 conv on a 2x2 map and runs at ~1 GFLOP/s).
+    - small output maps (<= 16 positions): matrix products (XLA swaps the operands of a 3x3
+      conv on a 2x2 map and runs at ~1 GFLOP/s).
     - otherwise (large maps, the 7x7 stem, grouped convs): XLA's convolution.
     The measurements behind each rule are in benchmarks/cpu_notes.md.
     """
-    kh, kw, _, cout = kernel_shape
+    kh, kw = kernel_shape[:2]
     if groups != 1:
         return Algorithms(XLA, XLA, XLA)
     if kh == kw == 1:
         return Algorithms(GEMM, GEMM, GEMM)
     positions = _output_size(x_shape[1], kh, strides[0], padding[0]) * _output_size(
         x_shape[2], kw, strides[1], padding[1])
-    if positions <= SMALL_MAP or (positions <= MEDIUM_MAP and cout >= WIDE):
+    if positions <= SMALL_MAP:
         return Algorithms(GEMM, GEMM, GEMM)
     return Algorithms(XLA, XLA, XLA)
 

@@ -45,6 +45,7 @@ import optax
 
 from benchmarks import peaks, torch_loop
 from jaxsft import compilation_cache as cache
+from jaxsft import host_memory
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 QUICK = dict(model="resnet18", image_size=64, batch_size=4, steps=4, warmup=1, rounds=2)
@@ -525,6 +526,9 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     out["jaxsft_git"] = git_commit()
+    # What the process ran under: jaxsft's XLA:CPU flag and glibc malloc tuning (or the user's).
+    for var in ("XLA_FLAGS", "GLIBC_TUNABLES"):
+        out[var] = os.environ.get(var)
     return out
 
 
@@ -693,4 +697,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_tuned_malloc()  # both frameworks run in this process: same malloc
     sys.exit(main())

@@ -6,6 +6,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from jaxsft import host_memory
 from jaxsft.config import ConfigError
 
 
@@ -35,7 +36,13 @@ def exit_code(error: BaseException) -> int | None:
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
         *, prog: str) -> None:
-    """Runs `main(argv)` and exits with `exit_code`; unexpected errors keep their traceback."""
+    """Runs `main(argv)` and exits with `exit_code`; unexpected errors keep their traceback.
+
+    On the real command line (argv None) the process first re-executes itself with glibc's
+    malloc tuned for XLA's buffers (jaxsft/host_memory.py).
+    """
+    if argv is None:
+        host_memory.reexec_with_tuned_malloc()
     try:
         main(argv)
     except (Exception, KeyboardInterrupt) as e:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxsft.models import norm
 from jaxsft.models.conv import Conv, max_pool
 
 # torch's BatchNorm momentum 0.1 is Flax's 0.9: running = 0.9 * running + 0.1 * batch.
@@ -75,28 +76,18 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
 
         if self.use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
-            xs = x.astype(stats_dtype)
-            axes = tuple(range(x.ndim - 1))
-            mean = self._global_mean(xs.mean(axes))
-            var = self._global_mean(jnp.square(xs - mean).mean(axes))
-            n = x.size // features
-            if self.axis_name is not None:
-                n *= jax.lax.psum(1, self.axis_name)
-            if not self.is_initializing():
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * mean.astype(self.param_dtype)
-                unbiased = var * (n / max(n - 1, 1))
-                ra_var.value = m * ra_var.value + (1 - m) * unbiased.astype(self.param_dtype)
-
-        inv = jax.lax.rsqrt(var + self.epsilon) * scale
-        y = (x.astype(inv.dtype) - mean) * inv + bias
+            return norm.normalize(x, ra_mean.value, ra_var.value, scale, bias,
+                                  self.epsilon).astype(self.dtype)
+        y, mean, var = norm.batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
+        n = x.size // features
+        if self.axis_name is not None:
+            n *= jax.lax.psum(1, self.axis_name)
+        if not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * mean.astype(self.param_dtype)
+            unbiased = var * (n / max(n - 1, 1))
+            ra_var.value = m * ra_var.value + (1 - m) * unbiased.astype(self.param_dtype)
         return y.astype(self.dtype)
-
-    def _global_mean(self, v: jax.Array) -> jax.Array:
-        return v if self.axis_name is None else jax.lax.pmean(v, self.axis_name)
 
 
 class _Block(nn.Module):

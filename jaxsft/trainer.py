@@ -203,8 +203,10 @@ def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
             end_of_epoch = step % plan.steps_per_epoch == 0 or step == plan.total_steps
             do_eval = plan.info.eval_split is not None and (
                 step % plan.eval_every == 0 or step == plan.total_steps)
+            # Read once: a signal landing later in this iteration is handled (saved) at the next.
+            stopping = stop.requested
             do_save = do_eval or step % plan.checkpoint_every == 0 or step == plan.total_steps \
-                or stop.requested
+                or stopping
             if step % cfg.run.log_every == 0 or end_of_epoch or do_save:
                 row = _flush(window, step, writer, clock, cfg.data.batch_size)
                 bar.update(in_epoch + 1, loss=row["loss"], top1=row["top1"],
@@ -226,7 +228,7 @@ def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
                                 {**meta, "epoch": epoch, "data_position": step},
                                 metrics=None if eval_row is None else
                                 {k: float(v) for k, v in eval_row.items()})
-            if stop.requested:
+            if stopping:
                 if bar is not None:
                     bar.close()
                 manager.wait_until_finished()

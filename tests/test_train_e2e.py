@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxsft import checkpoint, predict
+from jaxsft import checkpoint, predict, trainer
 from jaxsft.config import Config, ConfigError
 from jaxsft.trainer import CHECKPOINT_DIR, TrainingError, evaluate, fit
 
@@ -138,7 +138,8 @@ def test_resume_after_sigterm_is_bit_exact(folder, tmp_path):
 
     resumed = cli("jaxsft.train", *flags(stopped))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout and f"at step {k}" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"at step {k}" in resumed.stdout, (
+        resumed.stdout, err, metrics_file.read_text())
 
     a, b = final_variables(tmp_path / "whole"), final_variables(tmp_path / "stopped")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -149,6 +150,27 @@ def test_resume_after_sigterm_is_bit_exact(folder, tmp_path):
     after = lambda rows: [{k2: v for k2, v in r.items() if k2 != "images_per_s"}  # noqa: E731
                           for r in rows if r["step"] > k and r["split"] == "train"]
     assert after(rows_a) == after(rows_b) and len(after(rows_b)) == 14 - k
+
+
+def test_a_signal_landing_mid_step_is_saved_at_the_step_it_stops(folder, tmp_path,
+                                                                  monkeypatch):
+    # The stop flag turns true between two reads inside one iteration (read 4 = step 3's
+    # second look, before the fix): the run must stop at a step it has saved.
+    class LateSignal(trainer.StopRequest):
+        reads = 0
+
+        @property
+        def requested(self):
+            LateSignal.reads += 1
+            self.signal_name = "SIGTERM" if LateSignal.reads >= 4 else None
+            return self.signal_name is not None
+
+    monkeypatch.setattr(trainer, "StopRequest", LateSignal)
+    cfg = small_config(folder, tmp_path / "run", steps=8, checkpoint_every=1000)
+    with pytest.raises(trainer.Preempted) as stopped:
+        fit(cfg)
+    with checkpoint.create_manager(tmp_path / "run" / CHECKPOINT_DIR, read_only=True) as m:
+        assert m.all_steps() == [stopped.value.step]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):

@@ -8,6 +8,7 @@ save interrupted by a crash is never listed as a checkpoint (and is cleaned up o
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,17 @@ from flax import serialization
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
 BEST_METRIC = "top1"
+
+
+class _QuietUnscoredSaves(logging.Filter):
+    """Orbax warns on every save without metrics once best_fn is set; the saves between
+    evaluations have none by design (BestN ignores them), so the warning is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietUnscoredSaves())
 
 
 class CheckpointError(RuntimeError):

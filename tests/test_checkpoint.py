@@ -98,3 +98,11 @@ def test_restore_into_a_different_model_names_the_fix(tmp_path):
 def test_empty_directory_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint in"):
         checkpoint.read_meta(tmp_path)
+
+
+def test_saves_without_metrics_do_not_log_orbaxs_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING"), checkpoint.create_manager(tmp_path) as m:
+        checkpoint.save(m, make_state(1), {})
+        m.wait_until_finished()
+    assert m.all_steps() == [1]
+    assert not [r for r in caplog.records if "metrics" in r.getMessage()], caplog.text

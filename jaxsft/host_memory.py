@@ -41,11 +41,14 @@ def reexec_with_tuned_malloc() -> None:
     returns without doing anything where they are set already or do not apply."""
     environ = tuned_environ(os.environ)
     argv = getattr(sys, "orig_argv", None)
-    if environ is None or not argv:
-        return
+    if environ is None or not argv or not sys.executable:
+        return  # nothing to change, or no way to start the same command again
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *argv[1:]], environ)
+    try:
+        os.execve(sys.executable, [sys.executable, *argv[1:]], environ)
+    except OSError:
+        pass  # could not re-execute: run on with glibc's defaults (slower, same results)
 
 
 def _is_glibc() -> bool:

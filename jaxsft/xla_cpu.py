@@ -1,6 +1,6 @@
 """An XLA:CPU setting that makes training steps ~1.3x faster, applied when jaxsft is imported.
 
-In jaxlib 0.10, XLA:CPU hands every convolution to YNNPACK, which runs it on one thread:
+In jaxlib 0.10.2, XLA:CPU hands every convolution to YNNPACK, which runs it on one thread:
 on 2 cores a 3x3 convolution takes as long as on one, while Eigen's convolution uses all
 cores (forward 35 -> 21 ms, kernel gradient 101 -> 41 ms for 32x56x56x64). This flag moves
 convolutions back to Eigen and keeps YNNPACK for matrix products and elementwise fusions,
@@ -23,7 +23,7 @@ from collections.abc import MutableMapping
 
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 FLAG = f"--{FLAG_NAME}=-individual_convolution"
-TESTED_JAXLIB = ("0.10.",)  # version prefixes whose XLA knows the flag (tests/test_xla_cpu.py)
+TESTED_JAXLIB = ("0.10.2",)  # versions whose XLA knows the flag (tests/test_xla_cpu.py)
 
 
 def jaxlib_version() -> str | None:

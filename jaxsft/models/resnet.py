@@ -56,7 +56,8 @@ class BatchNorm(nn.Module):
     Differs from `flax.linen.BatchNorm` in one place that matters for parity: the running
     variance is updated with the unbiased batch variance (n / (n - 1)), as torch does, while
     the batch is normalised with the biased one. With `axis_name`, the statistics are those of
-    the global batch across devices (two-pass: mean, then mean squared deviation).
+    the global batch across devices (two-pass: mean, then mean squared deviation). In training
+    mode the gradient is the closed form torch uses (`jaxsft.models.norm`).
     """
 
     use_running_average: bool

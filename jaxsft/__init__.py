@@ -1,7 +1,9 @@
 """jaxsft: supervised fine-tuning of pretrained ResNets in pure JAX.
 
 The public names resolve lazily, so `import jaxsft` costs nothing until a name is used,
-and TensorFlow is imported only by the data module, only when data is read.
+and TensorFlow is imported only by the data module, only when data is read. The import does
+one thing: it adds an XLA:CPU flag to XLA_FLAGS for multi-threaded convolutions
+(jaxsft/xla_cpu.py says why, and how to keep your own setting).
 """
 
 import importlib

@@ -233,21 +233,21 @@ def _cpu_conv_fwd(x: jax.Array, kernel: jax.Array, geometry: _Geometry):
 def _cpu_conv_bwd(geometry: _Geometry, residuals: tuple, g: jax.Array):
     x, kernel = residuals
     algorithms = geometry.algorithms
-    xla = functools.partial(_xla_conv, geometry=geometry)
-    gemm = functools.partial(_gemm_conv, geometry=geometry)
-    grouped = geometry.groups != 1
+
+    def autodiff(conv: Callable) -> tuple[jax.Array, jax.Array]:
+        # Both gradients of one formulation; XLA drops the one this pass does not use.
+        return jax.vjp(functools.partial(conv, geometry=geometry), x, kernel)[1](g)
+
+    # Grouped matrix products keep autodiff: their gradients are batched dots already.
+    by_gemm = autodiff(_gemm_conv) if geometry.groups != 1 else None
     if algorithms.input_grad == XLA:
-        dx = jax.vjp(lambda x_: xla(x_, kernel), x)[1](g)[0]
-    elif grouped:
-        dx = jax.vjp(lambda x_: gemm(x_, kernel), x)[1](g)[0]
+        dx = autodiff(_xla_conv)[0]
     else:
-        dx = _gemm_input_grad(g, kernel, x.shape, geometry)
+        dx = by_gemm[0] if by_gemm else _gemm_input_grad(g, kernel, x.shape, geometry)
     if algorithms.kernel_grad == XLA:
-        dk = jax.vjp(lambda k_: xla(x, k_), kernel)[1](g)[0]
-    elif grouped:
-        dk = jax.vjp(lambda k_: gemm(x, k_), kernel)[1](g)[0]
+        dk = autodiff(_xla_conv)[1]
     else:
-        dk = _gemm_kernel_grad(x, g, kernel.shape, geometry)
+        dk = by_gemm[1] if by_gemm else _gemm_kernel_grad(x, g, kernel.shape, geometry)
     return dx, dk
 
 

@@ -29,6 +29,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
@@ -277,17 +278,32 @@ def time_block(runner: Runner, steps: int, sync: str) -> list[float]:
     return [(time.perf_counter() - t0) / steps]
 
 
-def measure(runners: Sequence[Runner], s: Settings, say=print) -> dict[str, list[list[float]]]:
-    """Warm-up, then rounds of one timed block per runner in turn (A B A B ...)."""
+def measure(runners: Sequence[Runner], s: Settings, say=print,
+            host: dict[str, dict[str, float]] | None = None) -> dict[str, list[list[float]]]:
+    """Warm-up, then rounds of one timed block per runner in turn (A B A B ...).
+
+    `host`, when given, receives each runner's kernel (system) time and minor page faults
+    per step: what glibc's malloc settings change (jaxsft/host_memory.py).
+    """
     for r in runners:
         for _ in range(s.warmup):
             r.step(sync=True)
     blocks: dict[str, list[list[float]]] = {r.name: [] for r in runners}
+    usage = {r.name: [0.0, 0] for r in runners}  # system seconds, minor faults
     for i in range(s.rounds):
         for r in runners:
+            before = resource.getrusage(resource.RUSAGE_SELF)
             blocks[r.name].append(time_block(r, s.steps_per_round, s.sync))
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            usage[r.name][0] += after.ru_stime - before.ru_stime
+            usage[r.name][1] += after.ru_minflt - before.ru_minflt
         line = "  ".join(f"{n} {1e3 * statistics.median(b[-1]):.1f}" for n, b in blocks.items())
         say(f"round {i + 1}/{s.rounds}: ms/step  {line}")
+    if host is not None:
+        steps = s.rounds * s.steps_per_round
+        host.update({name: {"system_ms_per_step": 1e3 * sys_s / steps,
+                            "minor_faults_per_step": faults / steps}
+                     for name, (sys_s, faults) in usage.items()})
     return blocks
 
 
@@ -347,13 +363,14 @@ def run(s: Settings, argv: Sequence[str] = (), say=print) -> dict[str, Any]:
                 device=torch_device, seed=s.seed))
     jax_loop = build_jax_loop(s, devices, cache_dir, say)
     runners: list[Runner] = [jax_loop, *torch_runners]
-    blocks = measure(runners, s, say)
+    host: dict[str, dict[str, float]] = {}
+    blocks = measure(runners, s, say, host)
     load_after = os.getloadavg()
     results = {}
     for r in runners:
         n = len(devices) if r is jax_loop else 1
-        results[r.name] = entry(r, blocks[r.name], s.batch_size * n, jax_loop.flops,
-                                s.peak_tflops, devices[0].device_kind)
+        results[r.name] = {**entry(r, blocks[r.name], s.batch_size * n, jax_loop.flops,
+                                   s.peak_tflops, devices[0].device_kind), **host[r.name]}
     notes += automatic_notes(s, backend, len(devices), load_before, load_after)
     return {
         **context("throughput", argv, s, devices, cache_dir),
@@ -554,7 +571,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"x {s['devices']} {result['hardware']['device_kind']}, {s['dtype']}, BN {s['bn']}, "
             f"{s['data']} data, {s['rounds']} rounds x {s['steps_per_round']} steps")
     cols = ("", "img/s", "ms/step median [q1-q3]", "compile s", "MFU", "peak mem",
-            "jaxsft / this [min-max]")
+            "sys ms/step", "jaxsft / this [min-max]")
     rows = [cols]
     for name, r in result["results"].items():
         ms = r["ms_per_step"]
@@ -566,6 +583,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['compile_s']:.1f} ({r['compilation_cache']})" if "compile_s" in r else "-",
             f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
             f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "-",
+            f"{r['system_ms_per_step']:.0f}" if "system_ms_per_step" in r else "-",
             f"{ratio['median']:.2f} [{ratio['min']:.2f}-{ratio['max']:.2f}]" if ratio else "-",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]

@@ -53,6 +53,8 @@ def test_quick_mode_writes_the_documented_fields(quick):
         assert r["ms_per_step"]["n"] == quick["settings"]["steps"]
         assert len(r["ms_per_step_per_round"]) == quick["settings"]["rounds"]
         assert r["last_loss"] == r["last_loss"]  # finite training, not NaN
+        # Host cost per step (kernel time, page faults), recorded for every runner.
+        assert r["system_ms_per_step"] >= 0 and r["minor_faults_per_step"] >= 0
 
 
 def test_figures_follow_from_the_measured_times(quick):

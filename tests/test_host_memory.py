@@ -46,7 +46,7 @@ ENTRY_POINT = textwrap.dedent("""
 
 
 def run_entry_point(env_overrides):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES",)}
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env.update(env_overrides)
     proc = subprocess.Popen([sys.executable, "-c", ENTRY_POINT, "--flag", "x y"], env=env,
                             stdout=subprocess.PIPE, text=True)

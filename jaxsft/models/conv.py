@@ -6,13 +6,16 @@ a 3x3 convolution on a 2x2 map is rewritten with the kernel as the "image" and r
 BatchNorm backward fused into them. The same arithmetic written as taps (strided slices of the
 padded input, concatenated along the channels: im2col) and one matrix product runs at dot
 speed; its gradients are matrix products too: dx = col2im(g W^T), dW = patches^T g, written
-out in a custom VJP with the transposes placed where XLA's YNNPACK dots accept them.
+out in a custom VJP with the transposes placed where XLA's YNNPACK dots accept them. Where
+XLA's convolution is fast, its kernel gradient still needs both operands transposed, and
+XLA:CPU recomputes BatchNorm and ReLU inside those transposes; the "xla-stored" kernel
+gradient writes that convolution out with the transposes made from stored values.
 
-`conv2d` picks, per pass (forward, input gradient, kernel gradient) and per shape, either XLA's
+`conv2d` picks, per pass (forward, input gradient, kernel gradient) and per shape, XLA's
 convolution or the matrix-product form; the choice only changes float rounding. On any other
 backend (GPU, TPU) it is plain `lax.conv_general_dilated`. `Conv` is a drop-in for
 `flax.linen.Conv(use_bias=False)`: same parameter ("kernel", HWIO), init and dtype promotion.
-Where a matrix-product pass is chosen (CPU only) the convolution is a custom VJP: reverse-mode
+Unless every pass is plain "xla" the convolution on the CPU is a custom VJP: reverse-mode
 (grad, vjp) works to any order, forward-mode (jvp, jacfwd) does not.
 """
 
@@ -29,7 +32,9 @@ from jax import lax
 
 XLA = "xla"
 GEMM = "gemm"
+XLA_STORED = "xla-stored"  # kernel gradient only: see _stored_kernel_grad
 ALGORITHMS = (XLA, GEMM)
+KERNEL_GRAD_ALGORITHMS = (XLA, GEMM, XLA_STORED)
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -38,11 +43,16 @@ PaddingLike = str | int | Sequence[int | tuple[int, int]]  # as flax.linen.Conv 
 # choose_algorithms' threshold (output positions Ho*Wo), from benchmarks/cpu_notes.md.
 SMALL_MAP = 16
 
-__all__ = ["ALGORITHMS", "Algorithms", "Conv", "choose_algorithms", "conv2d", "max_pool"]
+__all__ = ["ALGORITHMS", "KERNEL_GRAD_ALGORITHMS", "Algorithms", "Conv", "choose_algorithms",
+           "conv2d", "max_pool"]
 
 
 class Algorithms(NamedTuple):
-    """How each pass computes: "xla" (lax convolution) or "gemm" (taps + matrix product)."""
+    """How each pass computes: "xla" (lax convolution) or "gemm" (taps + matrix product).
+
+    The kernel gradient may also be "xla-stored": XLA's convolution on operands transposed
+    from their stored values (see `_stored_kernel_grad`).
+    """
 
     forward: str = XLA
     input_grad: str = XLA
@@ -80,8 +90,14 @@ def conv2d(
     _check_shapes(x.shape, kernel.shape, feature_group_count)
     if algorithms is None:
         algorithms = choose_algorithms(x.shape, kernel.shape, strides, pads, feature_group_count)
-    elif any(a not in ALGORITHMS for a in algorithms):
-        raise ValueError(f"algorithms must be drawn from {ALGORITHMS}, got {algorithms}")
+    elif (len(algorithms) != 3 or any(a not in ALGORITHMS for a in algorithms[:2])
+          or algorithms[2] not in KERNEL_GRAD_ALGORITHMS):
+        raise ValueError(f"algorithms must be (forward, input_grad, kernel_grad) drawn from "
+                         f"{ALGORITHMS}, the kernel gradient also from {XLA_STORED!r}; got "
+                         f"{algorithms}")
+    elif algorithms[2] == XLA_STORED and feature_group_count != 1:
+        raise ValueError(f"the {XLA_STORED!r} kernel gradient needs feature_group_count=1: "
+                         f"use {XLA!r} for grouped convolutions")
     geometry = _Geometry(strides, pads, feature_group_count, Algorithms(*algorithms))
     xla = functools.partial(_xla_conv, geometry=geometry)
     if geometry.algorithms == Algorithms(XLA, XLA, XLA):
@@ -102,7 +118,9 @@ def choose_algorithms(
     - 1x1 kernels: a matrix product in every pass (XLA's 1x1 kernel gradient is 3-8x slower).
     - small output maps (<= 16 positions): matrix products (XLA swaps the operands of a 3x3
       conv on a 2x2 map and runs at ~1 GFLOP/s).
-    - otherwise (large maps, the 7x7 stem, grouped convs): XLA's convolution.
+    - grouped convolutions: XLA's convolution in every pass.
+    - otherwise (large maps, the 7x7 stem): XLA's convolution, the kernel gradient from stored
+      operands (XLA:CPU would recompute BatchNorm and ReLU inside its operand transposes).
     The measurements behind each rule are in benchmarks/cpu_notes.md.
     """
     kh, kw = kernel_shape[:2]
@@ -114,7 +132,7 @@ def choose_algorithms(
         x_shape[2], kw, strides[1], padding[1])
     if positions <= SMALL_MAP:
         return Algorithms(GEMM, GEMM, GEMM)
-    return Algorithms(XLA, XLA, XLA)
+    return Algorithms(XLA, XLA, XLA_STORED)
 
 
 def _output_size(size: int, window: int, stride: int, pad: tuple[int, int]) -> int:
@@ -211,13 +229,48 @@ def _gemm_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
     """dK = patches^T g with the patches transposed first, so the product is a plain dot.
 
     Left to autodiff, XLA transposes g instead, with the BatchNorm backward fused into that
-    transpose (~1 s per ResNet-50 step), and runs the product outside YNNPACK. The barrier
-    keeps the activation's producer out of the transpose.
+    transpose (~1 s per ResNet-50 step), and runs the product outside YNNPACK. (Building the
+    transposed patches from the stored x, as `_stored_kernel_grad` does, measured 4% slower on
+    ResNet-50: benchmarks/cpu_notes.md.)
     """
     kh, kw, cin, cout = kernel_shape
-    patches = _patches(lax.optimization_barrier(x), (kh, kw), geometry.strides, geometry.padding)
+    patches = _patches(x, (kh, kw), geometry.strides, geometry.padding)
     patches_t = jnp.transpose(patches.reshape(-1, kh * kw * cin))  # [T*C, N]
     return lax.dot(patches_t, g.reshape(-1, cout)).reshape(kernel_shape)
+
+
+def _stored_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
+                        geometry: _Geometry) -> jax.Array:
+    """dK as XLA's convolution with the batch as the contracted feature dimension, written out.
+
+    This is the convolution autodiff emits (x as [C, H, W, N] images, g as an [Ho, Wo, N, O]
+    kernel dilated by the stride, output [C, kh, kw, O]), with both operand transposes made
+    explicit and computed from the stored x and g (`_from_storage`). Left to autodiff,
+    XLA:CPU fuses each activation's BatchNorm, residual add and ReLU (up to two blocks deep)
+    into the transpose that feeds this convolution and recomputes them for every strided
+    element: 5-20x the time of the transpose alone.
+    """
+    kh, kw, _, _ = kernel_shape
+    (_, h, w, _), (_, ho, wo, _) = x.shape, g.shape
+    (sh, sw), ((top, _), (left, _)) = geometry.strides, geometry.padding
+    x_t = _from_storage(lambda x: jnp.transpose(x, (3, 1, 2, 0)), x)  # C, H, W, N
+    g_t = _from_storage(lambda g: jnp.transpose(g, (1, 2, 0, 3)), g)  # Ho, Wo, N, O
+    # The padding that makes the output exactly kh x kw (lax's conv kernel-gradient rule).
+    padding = ((top, (ho - 1) * sh + kh - h - top), (left, (wo - 1) * sw + kw - w - left))
+    dk = lax.conv_general_dilated(x_t, g_t, (1, 1), padding, rhs_dilation=(sh, sw),
+                                  dimension_numbers=DIMENSION_NUMBERS)  # C, kh, kw, O
+    return jnp.transpose(dk, (1, 2, 0, 3))
+
+
+def _from_storage(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """fn(x), computed from x as stored in memory rather than from x's producers.
+
+    XLA:CPU fuses elementwise producers into every consumer, transposes included, and it
+    drops optimization barriers before fusion. A conditional's branch is a fusion boundary:
+    both branches are fn, so the predicate (any runtime scalar) changes nothing but what the
+    compiler can fuse.
+    """
+    return lax.cond(jnp.isnan(x.reshape(-1)[0]), fn, fn, x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -246,6 +299,8 @@ def _cpu_conv_bwd(geometry: _Geometry, residuals: tuple, g: jax.Array):
         dx = by_gemm[0] if by_gemm else _gemm_input_grad(g, kernel, x.shape, geometry)
     if algorithms.kernel_grad == XLA:
         dk = autodiff(_xla_conv)[1]
+    elif algorithms.kernel_grad == XLA_STORED:
+        dk = _stored_kernel_grad(x, g, kernel.shape, geometry)
     else:
         dk = by_gemm[1] if by_gemm else _gemm_kernel_grad(x, g, kernel.shape, geometry)
     return dx, dk

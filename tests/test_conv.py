@@ -30,8 +30,8 @@ DN = ("NHWC", "HWIO", "NHWC")
 ALL_ALGORITHMS = [Algorithms(*a) for a in
                   itertools.product(ALGORITHMS, ALGORITHMS, KERNEL_GRAD_ALGORITHMS)]
 
-# (batch, height, width, in, out, kernel, stride, padding, groups): strides 1 and 2, kernels
-# 1/3/7, odd and non-square maps, asymmetric padding, groups > 1, a 2x2 map (XLA's slow case).
+# (batch, height, width, in, out, kernel, stride, padding, groups): strides 1, 2 and 3, kernels
+# 1/3/4/7, odd and non-square maps, asymmetric padding, groups > 1, a 2x2 map (XLA's slow case).
 SHAPES = [
     (2, 5, 7, 4, 6, 3, 1, ((1, 1), (1, 1)), 1),
     (2, 9, 8, 4, 6, 3, 2, ((1, 1), (1, 1)), 1),
@@ -41,6 +41,7 @@ SHAPES = [
     (2, 6, 6, 8, 12, 3, 1, ((1, 1), (1, 1)), 4),
     (2, 7, 7, 8, 8, 3, 2, ((0, 2), (1, 0)), 2),
     (4, 2, 2, 16, 8, 3, 1, ((1, 1), (1, 1)), 1),
+    (2, 10, 11, 3, 4, 4, 3, ((2, 0), (0, 1)), 1),
 ]
 
 

@@ -2,8 +2,8 @@
 
 The public names resolve lazily, so `import jaxsft` costs nothing until a name is used,
 and TensorFlow is imported only by the data module, only when data is read. The import does
-one thing: it adds an XLA:CPU flag to XLA_FLAGS for multi-threaded convolutions
-(jaxsft/xla_cpu.py says why, and how to keep your own setting).
+one thing: it adds two XLA:CPU speed flags to XLA_FLAGS (jaxsft/xla_cpu.py says which, why,
+and how to keep your own settings).
 """
 
 import importlib

@@ -1,18 +1,25 @@
-"""An XLA:CPU setting that makes training steps ~1.3x faster, applied when jaxsft is imported.
+"""XLA:CPU settings that make training steps ~1.4x faster, applied when jaxsft is imported.
 
-In jaxlib 0.10.2, XLA:CPU hands every convolution to YNNPACK, which runs it on one thread:
-on 2 cores a 3x3 convolution takes as long as on one, while Eigen's convolution uses all
-cores (forward 35 -> 21 ms, kernel gradient 101 -> 41 ms for 32x56x56x64). This flag moves
-convolutions back to Eigen and keeps YNNPACK for matrix products and elementwise fusions,
-where it is fast. Measured in benchmarks/cpu_notes.md (ResNet-18 step: 1.15-1.3x). It only
-concerns the CPU backend; GPU and TPU are untouched. The rounding of a convolution may differ
-between the two libraries, never more than between two orders of summation.
+Two flags, each measured on ResNet training steps in benchmarks/cpu_notes.md:
 
-XLA reads XLA_FLAGS once, when JAX starts its first backend, so the flag counts only when
-jaxsft is imported before the first JAX computation (the CLIs always are). Setting
-`--xla_cpu_experimental_ynn_fusion_type` yourself in XLA_FLAGS (to anything) keeps your
-value. The flag is experimental: it is added only for jaxlib versions it was tested with,
-because XLA aborts on a flag it does not know.
+- `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`: in jaxlib 0.10.2 XLA:CPU
+  hands every convolution to YNNPACK, which runs it on one thread, while Eigen's convolution
+  uses all cores (32x56x56x64 3x3 on 2 cores: forward 35 -> 21 ms, kernel gradient 101 -> 41
+  ms). YNNPACK keeps matrix products and elementwise fusions, where it is fast. ResNet-18
+  step: 1.15-1.3x.
+- `--xla_cpu_use_fusion_emitters=false`: XLA's earlier loop emitters compile the elementwise
+  fusions (BatchNorm, ReLU, max pool, layout transposes) into code 1.5-3x faster than the new
+  fusion emitters on the measured machine. ResNet-18 step: 1.10-1.13x; ResNet-50: no change.
+
+Both only concern the CPU backend; GPU and TPU are untouched. Neither changes what is
+computed: a convolution's rounding may differ between Eigen and YNNPACK, never more than
+between two orders of summation, and the parity tests against torchvision pass either way.
+
+XLA reads XLA_FLAGS once, when JAX starts its first backend, so the flags count only when
+jaxsft is imported before the first JAX computation (the CLIs always are). A flag you set
+yourself in XLA_FLAGS (to any value) keeps your value. The flags are experimental: they are
+added only for jaxlib versions they were tested with, because XLA aborts on a flag it does
+not know.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import importlib.metadata
 import os
 from collections.abc import MutableMapping
 
-FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
-FLAG = f"--{FLAG_NAME}=-individual_convolution"
-TESTED_JAXLIB = ("0.10.2",)  # versions whose XLA knows the flag (tests/test_xla_cpu.py)
+FLAGS = {
+    "xla_cpu_experimental_ynn_fusion_type": "-individual_convolution",
+    "xla_cpu_use_fusion_emitters": "false",
+}
+TESTED_JAXLIB = ("0.10.2",)  # versions whose XLA knows the flags (tests/test_xla_cpu.py)
 
 
 def jaxlib_version() -> str | None:
@@ -34,13 +43,17 @@ def jaxlib_version() -> str | None:
 
 
 def apply(environ: MutableMapping[str, str] = os.environ,
-          jaxlib: str | None = None) -> bool:
-    """Appends FLAG to XLA_FLAGS unless the user set that flag; True when it is in effect."""
-    flags = environ.get("XLA_FLAGS", "")
-    if FLAG_NAME in flags:
-        return FLAG in flags.split()
+          jaxlib: str | None = None) -> dict[str, str]:
+    """Appends each of FLAGS that the user has not set to XLA_FLAGS; returns those of FLAGS
+    in effect with jaxsft's value (name -> value)."""
     version = jaxlib if jaxlib is not None else jaxlib_version()
     if version is None or not version.startswith(TESTED_JAXLIB):
-        return False
-    environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
-    return True
+        return {}
+    flags = environ.get("XLA_FLAGS", "")
+    tokens = flags.split()
+    added = [f"--{name}={value}" for name, value in FLAGS.items()
+             if not any(t == f"--{name}" or t.startswith(f"--{name}=") for t in tokens)]
+    if added:
+        environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+    tokens = environ["XLA_FLAGS"].split()
+    return {name: value for name, value in FLAGS.items() if f"--{name}={value}" in tokens}

@@ -3,11 +3,13 @@ from what it measured. Nothing here asserts a timing: the machine is shared."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,39 @@ def test_quick_mode_writes_the_documented_fields(quick):
         assert r["last_loss"] == r["last_loss"]  # finite training, not NaN
         # Host cost per step (kernel time, page faults), recorded for every runner.
         assert r["system_ms_per_step"] >= 0 and r["minor_faults_per_step"] >= 0
+
+
+class FaultingRunner:
+    """A runner whose first `growing` steps page-fault like a growing heap, then none."""
+
+    def __init__(self, name: str, growing: int, usage: types.SimpleNamespace):
+        self.name, self.growing, self.steps, self.usage = name, growing, 0, usage
+
+    def step(self, sync: bool = True) -> None:
+        self.steps += 1
+        if self.steps <= self.growing:
+            self.usage.ru_minflt += 4 * throughput.QUIET_FAULTS
+
+    def sync(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("warmup, growing, expected", [
+    (1, 3, 4),  # past --warmup until an alternation is quiet
+    (2, 0, 2),  # a quiet heap: exactly --warmup
+    (1, 100, throughput.MAX_WARMUP),  # never quiet: capped
+    (0, 3, 0),  # --warmup 0: none at all
+])
+def test_warm_up_alternates_until_the_shared_heap_stops_growing(warmup, growing, expected,
+                                                                 monkeypatch):
+    usage = types.SimpleNamespace(ru_minflt=0, ru_stime=0.0)  # the process's, as faked
+    monkeypatch.setattr(throughput.resource, "getrusage", lambda _: copy.copy(usage))
+    runners = [FaultingRunner("a", growing, usage), FaultingRunner("b", 0, usage)]
+    host = {}
+    throughput.measure(runners, throughput.Settings(steps=2, rounds=1, warmup=warmup),
+                       say=lambda *_: None, host=host)
+    assert [r.steps for r in runners] == [expected + 2] * 2  # warm-up + one round of 2
+    assert host["a"]["warmup_steps"] == host["b"]["warmup_steps"] == expected
 
 
 def test_figures_follow_from_the_measured_times(quick):

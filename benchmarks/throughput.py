@@ -286,23 +286,24 @@ def measure(runners: Sequence[Runner], s: Settings, say=print,
             host: dict[str, dict[str, float]] | None = None) -> dict[str, list[list[float]]]:
     """Warm-up, then rounds of one timed block per runner in turn (A B A B ...).
 
-    The warm-up alternates too, and goes on (up to MAX_WARMUP alternations) until one runs
-    without growing the process's heap: the runners share it, and each one's first steps
-    after another's fragment it and extend it, page-faulting gigabytes (ResNet-50: 3 to 4
-    alternations) that a lone training loop never pays. `host`, when given, receives each
-    runner's kernel (system) time and minor page faults per timed step, and its number of
-    warm-up steps.
+    The warm-up (at least `s.warmup` steps per runner) alternates in blocks of a round's
+    size too, and goes on (up to MAX_WARMUP alternations) until one runs without growing the
+    process's heap: the runners share it, and each one's first steps after another's
+    fragment it and extend it, page-faulting gigabytes (ResNet-50: 3 to 4 alternations)
+    that a lone training loop never pays. `host`, when given, receives each runner's kernel
+    (system) time and minor page faults per timed step, and its number of warm-up steps.
     """
-    alternations = 0
-    while s.warmup and alternations < max(s.warmup, MAX_WARMUP):
+    block, warm, alternations, quiet = max(1, s.steps_per_round), 0, 0, s.warmup == 0
+    while not (warm >= s.warmup and quiet) and alternations < MAX_WARMUP:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for r in runners:
-            r.step(sync=True)
-        alternations += 1
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        if alternations >= s.warmup and faults < QUIET_FAULTS:
-            break
-    if alternations > s.warmup:
+            for _ in range(block):
+                r.step(sync=True)
+        warm, alternations = warm + block, alternations + 1
+        quiet = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < QUIET_FAULTS
+    if not quiet:
+        say(f"warm-up: the heap still grew after {alternations} alternations")
+    elif alternations > -(-s.warmup // block):
         say(f"warm-up: {alternations} alternations until the heap stopped growing")
     blocks: dict[str, list[list[float]]] = {r.name: [] for r in runners}
     usage = {r.name: [0.0, 0] for r in runners}  # system seconds, minor faults
@@ -319,7 +320,7 @@ def measure(runners: Sequence[Runner], s: Settings, say=print,
         steps = s.rounds * s.steps_per_round
         host.update({name: {"system_ms_per_step": 1e3 * sys_s / steps,
                             "minor_faults_per_step": faults / steps,
-                            "warmup_steps": alternations}
+                            "warmup_steps": warm}
                      for name, (sys_s, faults) in usage.items()})
     return blocks
 
@@ -629,7 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default=str(d.devices), help="number of devices, or 'all'")
     p.add_argument("--steps", type=int, default=d.steps,
                    help="timed steps per runner, spread over the rounds")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps after compiling")
+    p.add_argument("--warmup", type=int, default=d.warmup,
+                   help="untimed steps per runner after compiling, at least: alternating "
+                        "blocks go on while the shared heap still grows")
     p.add_argument("--rounds", type=int, default=d.rounds,
                    help="alternating rounds (one timed block per runner each)")
     p.add_argument("--sync", choices=("step", "block"), default=d.sync,

@@ -75,9 +75,10 @@ class FaultingRunner:
 
 
 @pytest.mark.parametrize("warmup, growing, expected", [
-    (1, 3, 4),  # past --warmup until an alternation is quiet
+    (1, 3, 6),  # blocks of a round (2 steps) past --warmup, until one is quiet
     (2, 0, 2),  # a quiet heap: exactly --warmup
-    (1, 100, throughput.MAX_WARMUP),  # never quiet: capped
+    (3, 0, 4),  # whole blocks
+    (1, 100, 2 * throughput.MAX_WARMUP),  # never quiet: capped
     (0, 3, 0),  # --warmup 0: none at all
 ])
 def test_warm_up_alternates_until_the_shared_heap_stops_growing(warmup, growing, expected,

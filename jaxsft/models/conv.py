@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from jaxsft.models.stored import from_storage
+
 XLA = "xla"
 GEMM = "gemm"
 XLA_STORED = "xla-stored"  # kernel gradient only: see _stored_kernel_grad
@@ -245,7 +247,7 @@ def _stored_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
 
     This is the convolution autodiff emits (x as [C, H, W, N] images, g as an [Ho, Wo, N, O]
     kernel dilated by the stride, output [C, kh, kw, O]), with both operand transposes made
-    explicit and computed from the stored x and g (`_from_storage`). Left to autodiff,
+    explicit and computed from the stored x and g (`jaxsft.models.stored`). Left to autodiff,
     XLA:CPU fuses each activation's BatchNorm, residual add and ReLU (up to two blocks deep)
     into the transpose that feeds this convolution and recomputes them for every strided
     element: 5-20x the time of the transpose alone.
@@ -253,24 +255,13 @@ def _stored_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
     kh, kw, _, _ = kernel_shape
     (_, h, w, _), (_, ho, wo, _) = x.shape, g.shape
     (sh, sw), ((top, _), (left, _)) = geometry.strides, geometry.padding
-    x_t = _from_storage(lambda x: jnp.transpose(x, (3, 1, 2, 0)), x)  # C, H, W, N
-    g_t = _from_storage(lambda g: jnp.transpose(g, (1, 2, 0, 3)), g)  # Ho, Wo, N, O
+    x_t = from_storage(lambda x: jnp.transpose(x, (3, 1, 2, 0)), x)  # C, H, W, N
+    g_t = from_storage(lambda g: jnp.transpose(g, (1, 2, 0, 3)), g)  # Ho, Wo, N, O
     # The padding that makes the output exactly kh x kw (lax's conv kernel-gradient rule).
     padding = ((top, (ho - 1) * sh + kh - h - top), (left, (wo - 1) * sw + kw - w - left))
     dk = lax.conv_general_dilated(x_t, g_t, (1, 1), padding, rhs_dilation=(sh, sw),
                                   dimension_numbers=DIMENSION_NUMBERS)  # C, kh, kw, O
     return jnp.transpose(dk, (1, 2, 0, 3))
-
-
-def _from_storage(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
-    """fn(x), computed from x as stored in memory rather than from x's producers.
-
-    XLA:CPU fuses elementwise producers into every consumer, transposes included, and it
-    drops optimization barriers before fusion. A conditional's branch is a fusion boundary:
-    both branches are fn, so the predicate (any runtime scalar) changes nothing but what the
-    compiler can fuse.
-    """
-    return lax.cond(jnp.isnan(x.reshape(-1)[0]), fn, fn, x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from jaxsft.models import norm
 from jaxsft.models.conv import Conv, max_pool
+from jaxsft.models.stored import relu
 
 # torch's BatchNorm momentum 0.1 is Flax's 0.9: running = 0.9 * running + 0.1 * batch.
 BN_MOMENTUM = 0.9
@@ -109,9 +110,9 @@ class BasicBlock(_Block):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         conv, norm = _layers(self.dtype, self.train, self.axis_name)
-        out = nn.relu(norm(name="bn1")(conv(self.planes, 3, self.stride, name="conv1")(x)))
+        out = relu(norm(name="bn1")(conv(self.planes, 3, self.stride, name="conv1")(x)))
         out = norm(name="bn2")(conv(self.planes, 3, 1, name="conv2")(out))
-        return nn.relu(out + _shortcut(self, x, conv, norm))
+        return relu(out + _shortcut(self, x, conv, norm))
 
 
 class Bottleneck(_Block):
@@ -123,11 +124,11 @@ class Bottleneck(_Block):
     def __call__(self, x: jax.Array) -> jax.Array:
         conv, norm = _layers(self.dtype, self.train, self.axis_name)
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
-        out = nn.relu(norm(name="bn1")(conv(width, 1, 1, name="conv1")(x)))
+        out = relu(norm(name="bn1")(conv(width, 1, 1, name="conv1")(x)))
         out = conv(width, 3, self.stride, groups=self.groups, name="conv2")(out)
-        out = nn.relu(norm(name="bn2")(out))
+        out = relu(norm(name="bn2")(out))
         out = norm(name="bn3")(conv(self.planes * 4, 1, 1, name="conv3")(out))
-        return nn.relu(out + _shortcut(self, x, conv, norm))
+        return relu(out + _shortcut(self, x, conv, norm))
 
 
 def _layers(dtype: Any, train: bool, axis_name: str | None):
@@ -173,7 +174,7 @@ class ResNet(nn.Module):
                  axis_name: str | None = None) -> jax.Array:
         conv, norm = _layers(self.dtype, train, axis_name)
         x = x.astype(self.dtype)
-        x = nn.relu(norm(name="bn1")(conv(64, 7, 2, name="conv1")(x)))
+        x = relu(norm(name="bn1")(conv(64, 7, 2, name="conv1")(x)))
         x = max_pool(x, window=3, stride=2, padding=1)
         for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), self.layers), 1):
             for i in range(blocks):

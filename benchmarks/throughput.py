@@ -50,7 +50,7 @@ from jaxsft import host_memory
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 QUICK = dict(model="resnet18", image_size=64, batch_size=4, steps=4, warmup=1, rounds=2)
-# Warm-up alternations continue past --warmup while one still page-faults this much (the
+# Warm-up alternations continue past --warmup while they page-fault this much (the
 # shared heap still growing, see measure), up to MAX_WARMUP of them.
 QUIET_FAULTS = 10_000  # 4 KiB pages: 40 MiB
 MAX_WARMUP = 8
@@ -287,23 +287,29 @@ def measure(runners: Sequence[Runner], s: Settings, say=print,
     """Warm-up, then rounds of one timed block per runner in turn (A B A B ...).
 
     The warm-up (at least `s.warmup` steps per runner) alternates in blocks of a round's
-    size too, and goes on (up to MAX_WARMUP alternations) until one runs without growing the
-    process's heap: the runners share it, and each one's first steps after another's
-    fragment it and extend it, page-faulting gigabytes (ResNet-50: 3 to 4 alternations)
-    that a lone training loop never pays. `host`, when given, receives each runner's kernel
-    (system) time and minor page faults per timed step, and its number of warm-up steps.
+    size too, and once one has grown the process's heap it goes on (up to MAX_WARMUP
+    alternations) until two in a row do not: the runners share the heap, and each one's first
+    steps after another's fragment it and extend it, page-faulting gigabytes (ResNet-50: 2 to
+    4 alternations) that a lone training loop never pays. `host`, when given, receives each
+    runner's kernel (system) time and minor page faults per timed step, and its number of
+    warm-up steps.
     """
-    block, warm, alternations, quiet = max(1, s.steps_per_round), 0, 0, s.warmup == 0
-    while not (warm >= s.warmup and quiet) and alternations < MAX_WARMUP:
+    block, warm, alternations, quiet, grew = max(1, s.steps_per_round), 0, 0, 0, False
+    while s.warmup and alternations < MAX_WARMUP:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for r in runners:
             for _ in range(block):
                 r.step(sync=True)
         warm, alternations = warm + block, alternations + 1
-        quiet = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < QUIET_FAULTS
-    if not quiet:
+        if resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < QUIET_FAULTS:
+            quiet += 1
+        else:
+            quiet, grew = 0, True
+        if warm >= s.warmup and quiet >= (2 if grew else 1):  # once grown, twice quiet
+            break
+    if s.warmup and quiet < (2 if grew else 1):
         say(f"warm-up: the heap still grew after {alternations} alternations")
-    elif alternations > -(-s.warmup // block):
+    elif grew:
         say(f"warm-up: {alternations} alternations until the heap stopped growing")
     blocks: dict[str, list[list[float]]] = {r.name: [] for r in runners}
     usage = {r.name: [0.0, 0] for r in runners}  # system seconds, minor faults

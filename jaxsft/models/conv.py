@@ -232,8 +232,8 @@ def _gemm_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
 
     Left to autodiff, XLA transposes g instead, with the BatchNorm backward fused into that
     transpose (~1 s per ResNet-50 step), and runs the product outside YNNPACK. (Building the
-    transposed patches from the stored x, as `_stored_kernel_grad` does, measured 4% slower on
-    ResNet-50: benchmarks/cpu_notes.md.)
+    transposed patches from the stored x, as `_stored_kernel_grad` does, measured 0.96-0.99x
+    on ResNet-50: XLA's transpose of wide patches is slow. benchmarks/cpu_notes.md, 2c.)
     """
     kh, kw, cin, cout = kernel_shape
     patches = _patches(x, (kh, kw), geometry.strides, geometry.padding)

@@ -1,5 +1,7 @@
 """Assertions shared by the test modules (imported as `helpers`; tests/ is on sys.path)."""
 
+import re
+
 import jax
 import numpy as np
 
@@ -27,3 +29,19 @@ def assert_trees_close(ours, theirs, rtol: float = 1e-10) -> None:
         assert got.shape == want.shape, path
         err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-300)
         assert err <= rtol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
+
+
+def fusion_operand_counts(hlo_text: str, op: str, header: str) -> list[int]:
+    """Parameter counts of the compiled fusion computations in `hlo_text` that contain an
+    instruction matching the regex `op` and whose header line matches the regex `header`.
+
+    A fusion that reads its operand as stored has one parameter per stored array; one that
+    recomputes that operand from its producers has more.
+    """
+    counts = []
+    for computation in re.split(r"\n(?=\S)", hlo_text):
+        first_line = computation.split("\n", 1)[0]
+        if (computation.startswith("%") and re.search(op, computation)
+                and re.search(header, first_line)):
+            counts.append(len(re.findall(r"\bparameter\(", computation)))
+    return counts

@@ -6,7 +6,6 @@ as XLA's convolution: to ~1e-12 in float64, to float32 rounding otherwise.
 
 import functools
 import itertools
-import re
 
 import flax.linen as nn
 import jax
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import fusion_operand_counts
 from jax import export, lax
 
 from jaxsft.models.conv import (
@@ -180,13 +180,7 @@ def transposing_fusion_operands(algorithms: Algorithms) -> list[int]:
 
     args = (jnp.ones((3, 3, 8, 16)), jnp.ones((4, 12, 12, 8)), jnp.ones(8), jnp.ones(8))
     text = jax.jit(jax.grad(loss)).lower(*args).compile().as_text()
-    counts = []
-    for computation in re.split(r"\n(?=\S)", text):
-        header = computation.split("\n", 1)[0]
-        if (computation.startswith("%") and re.search(r" (transpose|copy)\(", computation)
-                and re.search(r"-> f32\[\d+,\d+,\d+,\d+\]", header)):
-            counts.append(len(re.findall(r"\bparameter\(", computation)))
-    return counts
+    return fusion_operand_counts(text, r" (transpose|copy)\(", r"-> f32\[\d+,\d+,\d+,\d+\]")
 
 
 def test_stored_kernel_gradient_transposes_stored_values_not_their_producers():

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from helpers import fusion_operand_counts
 
 from jaxsft.models.stored import from_storage, relu
 
@@ -41,8 +42,7 @@ def mask_fusion_operands(act, depth: int = 4) -> list[int]:
 
     args = (jnp.ones((4, 8, 8, 16)), jnp.ones((depth, 16)))
     text = jax.jit(jax.grad(loss, 1)).lower(*args).compile().as_text()
-    return [len(re.findall(r"\bparameter\(", c)) for c in re.split(r"\n(?=\S)", text)
-            if c.startswith("%") and " compare(" in c and "f32[4,8,8,16]" in c.split("\n", 1)[0]]
+    return fusion_operand_counts(text, r" compare\(", re.escape("f32[4,8,8,16]"))
 
 
 def test_relu_masks_read_the_stored_output_instead_of_recomputing_it():

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxsft.models import norm
 from jaxsft.models.conv import Conv, max_pool
+from jaxsft.models.norm import batch_norm_train, normalize
 from jaxsft.models.stored import relu
 
 # torch's BatchNorm momentum 0.1 is Flax's 0.9: running = 0.9 * running + 0.1 * batch.
@@ -78,9 +78,9 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
 
         if self.use_running_average:
-            return norm.normalize(x, ra_mean.value, ra_var.value, scale, bias,
-                                  self.epsilon).astype(self.dtype)
-        y, mean, var = norm.batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
+            return normalize(x, ra_mean.value, ra_var.value, scale, bias,
+                             self.epsilon).astype(self.dtype)
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
         n = x.size // features
         if self.axis_name is not None:
             n *= jax.lax.psum(1, self.axis_name)

@@ -295,6 +295,10 @@ def measure(runners: Sequence[Runner], s: Settings, say=print,
     warm-up steps.
     """
     block, warm, alternations, quiet, grew = max(1, s.steps_per_round), 0, 0, 0, False
+
+    def settled() -> bool:  # once the heap has grown, two quiet alternations in a row
+        return quiet >= (2 if grew else 1)
+
     while s.warmup and alternations < MAX_WARMUP:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for r in runners:
@@ -305,9 +309,9 @@ def measure(runners: Sequence[Runner], s: Settings, say=print,
             quiet += 1
         else:
             quiet, grew = 0, True
-        if warm >= s.warmup and quiet >= (2 if grew else 1):  # once grown, twice quiet
+        if warm >= s.warmup and settled():
             break
-    if s.warmup and quiet < (2 if grew else 1):
+    if s.warmup and not settled():
         say(f"warm-up: the heap still grew after {alternations} alternations")
     elif grew:
         say(f"warm-up: {alternations} alternations until the heap stopped growing")

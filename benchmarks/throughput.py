@@ -571,7 +571,7 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     out["jaxsft_git"] = git_commit()
-    # What the process ran under: jaxsft's XLA:CPU flag and glibc malloc tuning (or the user's).
+    # What the process ran under: jaxsft's XLA:CPU flags and glibc malloc tuning (or the user's).
     for var in ("XLA_FLAGS", "GLIBC_TUNABLES"):
         out[var] = os.environ.get(var)
     return out

@@ -3,12 +3,18 @@
 Layout: `<workdir>/checkpoints/<step>/{state,meta}`. `state` holds params, batch_stats,
 opt_state, step and rng as arrays; `meta` (JSON) holds the data position, epoch and config.
 Orbax writes each step into a temporary directory and renames it only once complete, so a
-save interrupted by a crash is never listed as a checkpoint (and is cleaned up on restart).
+save interrupted by a crash or a full disk is never listed as a checkpoint (and is cleaned up
+on restart); a failed write becomes a CheckpointError naming the step a rerun resumes from.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +27,40 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_pol
 BEST_METRIC = "top1"
 
 
-class _QuietUnscoredSaves(logging.Filter):
+class _OrbaxNoise(logging.Filter):
     """Orbax warns on every save without metrics once best_fn is set; the saves between
-    evaluations have none by design (BestN ignores them), so the warning is noise."""
+    evaluations have none by design (BestN ignores them), so the warning is noise. A failed
+    write is logged by four of its threads, each with a traceback: the lines stay, the
+    tracebacks go (the CheckpointError that follows says what failed and what to do)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        if "did not provide metrics" in record.getMessage():
+            return False
+        if record.exc_info and _os_error_code(record.exc_info[1]) is not None:
+            record.exc_info = record.exc_text = None
+        return True
 
 
-logging.getLogger("absl").addFilter(_QuietUnscoredSaves())
+logging.getLogger("absl").addFilter(_OrbaxNoise())
+
+
+def _drop_closed_loop_callbacks(previous=sys.unraisablehook):
+    """After a failed write, TensorStore completes Orbax's futures into event loops Orbax has
+    already closed: dozens of "Event loop is closed" tracebacks with nothing to act on."""
+
+    def hook(unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    return hook
+
+
+sys.unraisablehook = _drop_closed_loop_callbacks()
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message says which and why."""
+    """A checkpoint cannot be used or written; the message says which and why."""
 
 
 def create_manager(directory: str | Path, keep: int = 3, *,
@@ -64,10 +91,53 @@ def save(manager: ocp.CheckpointManager, state: Any, meta: dict[str, Any],
     step = int(arrays["step"])
     if step in manager.all_steps():
         return  # already saved at this step (e.g. an eval save followed by the final one)
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(arrays),
-        meta=ocp.args.JsonSave({**meta, "step": step}),
-    ), metrics=metrics)
+    with _writing(manager):  # also where an earlier asynchronous save's failure surfaces
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays),
+            meta=ocp.args.JsonSave({**meta, "step": step}),
+        ), metrics=metrics)
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Blocks until the pending asynchronous save is complete on disk."""
+    with _writing(manager):
+        manager.wait_until_finished()
+
+
+# Orbax re-raises TensorStore's write errors as ValueError/RuntimeError with this suffix.
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+
+
+@contextlib.contextmanager
+def _writing(manager: ocp.CheckpointManager):
+    """Turns a failed checkpoint write (full disk, quota, permissions) into one line that says
+    what failed and which complete checkpoint a rerun resumes from; other errors pass."""
+    try:
+        yield
+    except Exception as e:
+        code = _os_error_code(e)
+        if code is None:
+            raise
+        directory = Path(manager.directory)
+        done = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+        fix = ("free space there or use a --workdir with room" if code in _NO_ROOM
+               else "fix that or use another --workdir")
+        resume = (f"it resumes from step {done[-1]}, the last complete checkpoint" if done
+                  else "no checkpoint was completed, so it starts again")
+        raise CheckpointError(f"could not write a checkpoint in {directory}: "
+                              f"{os.strerror(code)}; {fix}, then rerun the same command: "
+                              f"{resume}") from e
+
+
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _os_error_code(error: BaseException) -> int | None:
+    """The operating system's error number if `error` is a failed file operation."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno
+    found = _OS_ERROR_CODE.search(str(error))
+    return int(found.group(1)) if found else None
 
 
 def restore(manager: ocp.CheckpointManager, target: Any,

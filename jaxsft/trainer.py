@@ -159,7 +159,7 @@ def fit(cfg: Config) -> TrainState:
             state, skipped = _train_loop(cfg, plan, state, manager, writer, say)
         finally:
             writer.close()
-            manager.wait_until_finished()
+            checkpoint.wait(manager)
     finally:
         manager.close()
     if is_main:
@@ -231,7 +231,7 @@ def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
             if stopping:
                 if bar is not None:
                     bar.close()
-                manager.wait_until_finished()
+                checkpoint.wait(manager)
                 raise Preempted(stop.signal_name, step)
     return steps.unreplicate(rstate), train_batches.skipped.count
 

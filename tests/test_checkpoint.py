@@ -1,6 +1,9 @@
 """Orbax checkpoints: exact round trip, latest + best kept, interrupted saves ignored."""
 
+import errno
+import logging
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +109,64 @@ def test_saves_without_metrics_do_not_log_orbaxs_warning(tmp_path, caplog):
         m.wait_until_finished()
     assert m.all_steps() == [1]
     assert not [r for r in caplog.records if "metrics" in r.getMessage()], caplog.text
+
+
+# What Orbax raises when TensorStore's background write fails (the text of a real full disk).
+ORBAX_FULL_DISK = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database at local file '
+    '"ckpt/8.orbax-checkpoint-tmp/state": Failed to write 40599552 bytes to file 15: No space '
+    "left on device [os_error_code='28']")
+
+
+def raising(error):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+def test_a_failed_write_says_why_and_which_step_a_rerun_resumes_from(tmp_path, monkeypatch):
+    with checkpoint.create_manager(tmp_path) as m:
+        checkpoint.save(m, make_state(3), {})
+        checkpoint.wait(m)
+        with monkeypatch.context() as patch:
+            patch.setattr(m, "wait_until_finished", raising(ORBAX_FULL_DISK))
+            with pytest.raises(CheckpointError) as failed:
+                checkpoint.wait(m)
+            patch.setattr(m, "save", raising(PermissionError(errno.EACCES, "Permission denied")))
+            with pytest.raises(CheckpointError, match="Permission denied; fix that or use another "
+                                                      "--workdir, then rerun .* from step 3"):
+                checkpoint.save(m, make_state(4), {})
+            # Anything that is not a failed file operation is a bug: it keeps its traceback.
+            patch.setattr(m, "save", raising(TypeError("a bug")))
+            with pytest.raises(TypeError, match="a bug"):
+                checkpoint.save(m, make_state(4), {})
+        assert m.all_steps() == [3]
+    assert str(failed.value) == (
+        f"could not write a checkpoint in {tmp_path}: No space left on device; free space there "
+        "or use a --workdir with room, then rerun the same command: it resumes from step 3, the "
+        "last complete checkpoint")
+
+
+def test_a_failed_write_before_any_checkpoint_says_the_rerun_starts_again(tmp_path):
+    with checkpoint.create_manager(tmp_path) as m, pytest.raises(
+            CheckpointError, match="no checkpoint was completed, so it starts again$"):
+        with checkpoint._writing(m):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_orbax_noise_after_a_failed_write_is_one_line_per_thread():
+    record = logging.LogRecord("absl", logging.ERROR, __file__, 1, "save failed", None,
+                               (ValueError, ORBAX_FULL_DISK, None))
+    assert checkpoint._OrbaxNoise().filter(record) and record.exc_info is None
+    bug = ValueError("unrelated")
+    record = logging.LogRecord("absl", logging.ERROR, __file__, 1, "m", None,
+                               (ValueError, bug, None))
+    assert checkpoint._OrbaxNoise().filter(record) and record.exc_info[1] is bug
+
+    seen = []
+    hook = checkpoint._drop_closed_loop_callbacks(previous=seen.append)
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    hook(closed)
+    hook(other)
+    assert seen == [other]

@@ -1,6 +1,7 @@
 """The product end to end: train, resume, evaluate, predict, and every way a run can fail."""
 
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -200,6 +201,30 @@ def test_user_mistakes_fail_fast_with_exit_status_2(folder, tmp_path, bad_flags,
     assert last.startswith("python -m jaxsft.train: error: ") and message in last
     assert "Traceback" not in out.stderr
 
+
+
+def test_a_full_disk_stops_with_one_line_and_the_rerun_trains_on(folder, tmp_path):
+    # A real failed write, through Orbax's background threads: the child may write no file
+    # over 8 MB, and the checkpoint's array data (~40 MB for resnet18) is one file.
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+
+    cfg = small_config(folder, tmp_path / "run", steps=2)
+    out = subprocess.run([sys.executable, "-m", "jaxsft.train", *flags(cfg)], text=True,
+                         capture_output=True, timeout=600, preexec_fn=limit_file_size)
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == ("python -m jaxsft.train: error: could not write a checkpoint in "
+                    f"{tmp_path / 'run' / CHECKPOINT_DIR}: File too large; free space there or "
+                    "use a --workdir with room, then rerun the same command: no checkpoint was "
+                    "completed, so it starts again"), out.stderr
+    assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr
+    with checkpoint.create_manager(tmp_path / "run" / CHECKPOINT_DIR, read_only=True) as m:
+        assert m.all_steps() == []  # the partial save is not a checkpoint
+
+    again = cli("jaxsft.train", *flags(cfg))
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in (tmp_path / "run" / CHECKPOINT_DIR).iterdir()) == ["2"]
 
 
 def test_resume_does_not_need_the_weights_file_any_more(folder, tmp_path):

@@ -30,18 +30,22 @@ BEST_METRIC = "top1"
 class _OrbaxNoise(logging.Filter):
     """Orbax warns on every save without metrics once best_fn is set; the saves between
     evaluations have none by design (BestN ignores them), so the warning is noise. A failed
-    write is logged by four of its threads, each with a traceback: the lines stay, the
-    tracebacks go (the CheckpointError that follows says what failed and what to do)."""
+    write is logged by four of Orbax's threads, each with a traceback (the lines stay, the
+    tracebacks go), and again by asyncio for each of its write tasks (dropped): the
+    CheckpointError that follows says what failed and what to do."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "did not provide metrics" in record.getMessage():
             return False
         if record.exc_info and _os_error_code(record.exc_info[1]) is not None:
+            if record.name == "asyncio":
+                return False
             record.exc_info = record.exc_text = None
         return True
 
 
-logging.getLogger("absl").addFilter(_OrbaxNoise())
+for _logger in ("absl", "asyncio"):
+    logging.getLogger(_logger).addFilter(_OrbaxNoise())
 
 
 def _drop_closed_loop_callbacks(previous=sys.unraisablehook):

@@ -158,6 +158,9 @@ def test_orbax_noise_after_a_failed_write_is_one_line_per_thread():
     record = logging.LogRecord("absl", logging.ERROR, __file__, 1, "save failed", None,
                                (ValueError, ORBAX_FULL_DISK, None))
     assert checkpoint._OrbaxNoise().filter(record) and record.exc_info is None
+    record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Task exception was never "
+                               "retrieved", None, (ValueError, ORBAX_FULL_DISK, None))
+    assert not checkpoint._OrbaxNoise().filter(record)
     bug = ValueError("unrelated")
     record = logging.LogRecord("absl", logging.ERROR, __file__, 1, "m", None,
                                (ValueError, bug, None))

@@ -37,7 +37,7 @@ class _OrbaxNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if "did not provide metrics" in record.getMessage():
             return False
-        if record.exc_info and _os_error_code(record.exc_info[1]) is not None:
+        if record.exc_info and os_error_code(record.exc_info[1]) is not None:
             if record.name == "asyncio":
                 return False
             record.exc_info = record.exc_text = None
@@ -119,7 +119,7 @@ def _writing(manager: ocp.CheckpointManager):
     try:
         yield
     except Exception as e:
-        code = _os_error_code(e)
+        code = os_error_code(e)
         if code is None:
             raise
         directory = Path(manager.directory)
@@ -136,8 +136,9 @@ def _writing(manager: ocp.CheckpointManager):
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-def _os_error_code(error: BaseException) -> int | None:
-    """The operating system's error number if `error` is a failed file operation."""
+def os_error_code(error: BaseException) -> int | None:
+    """The operating system's error number if `error` is a failed file operation (an OSError,
+    or Orbax's re-raised TensorStore error), else None."""
     if isinstance(error, OSError) and error.errno is not None:
         return error.errno
     found = _OS_ERROR_CODE.search(str(error))

@@ -71,9 +71,18 @@ def convert(arch: str, source: str, out: str | os.PathLike, *, num_classes: int 
 def _write(directory: Path, variables: dict[str, Any], meta: dict[str, Any]) -> None:
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / VARIABLES_DIR, variables)
-        checkpointer.wait_until_finished()
+    from jaxsft.checkpoint import os_error_code
+
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(directory / VARIABLES_DIR, variables)
+            checkpointer.wait_until_finished()
+    except Exception as e:  # Orbax re-raises a failed write (e.g. a full disk) as ValueError
+        code = os_error_code(e)
+        if code is None:
+            raise
+        raise OSError(f"could not write in {directory.parent}: {os.strerror(code)}; free space "
+                      "there or choose another --out") from e
     (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 

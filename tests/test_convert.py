@@ -100,6 +100,21 @@ def test_errors_are_one_line_with_status_2(source, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet18.pth"]
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(source, tmp_path):
+    # A real failed write inside Orbax: no file over 8 MB (`ulimit -f`, in KiB) may be written,
+    # and the converted weights (~45 MB) are one file.
+    result = subprocess.run(["bash", "-c", 'ulimit -f 8192 && exec "$@"', "-", sys.executable,
+                             "-m", "jaxsft.convert", "--arch", "resnet18", "--source",
+                             str(source), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"python -m jaxsft.convert: error: could not write in {tmp_path}: File too large; free "
+        "space there or choose another --out"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet18.pth"]
+
+
 def test_file_url_source_and_converted_source(source, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXSFT_CACHE", str(tmp_path / "cache"))
     first = convert.convert("resnet18", source.as_uri(), tmp_path / "from_url")

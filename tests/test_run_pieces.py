@@ -1,5 +1,6 @@
-"""Workdir guard, preemption flag, metric reduction, writers and the progress bar."""
+"""Workdir guard, preemption flag, metric reduction, writers, the progress bar, exit codes."""
 
+import errno
 import io
 import json
 import os
@@ -8,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 
-from jaxsft import metrics, workdir
+from jaxsft import cli, metrics, workdir
 from jaxsft.config import Config, ConfigError
 from jaxsft.preemption import StopRequest
 
@@ -80,3 +81,20 @@ def test_writers_and_plot(tmp_path):
     assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tb").iterdir())
     png = metrics.plot_curves(tmp_path / "m.jsonl", tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_full_disk_is_one_line_and_status_2_while_other_os_errors_keep_their_traceback(capsys):
+    def full(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl")
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(full, [], prog="python -m jaxsft.train")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == ("python -m jaxsft.train: error: [Errno 28] No space left "
+                                       "on device: 'runs/x/metrics.jsonl'\n")
+
+    def bug(argv):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/tmp/missing")
+
+    with pytest.raises(FileNotFoundError):
+        cli.run(bug, [], prog="python -m jaxsft.train")

@@ -123,7 +123,8 @@ def _writing(manager: ocp.CheckpointManager):
         if code is None:
             raise
         directory = Path(manager.directory)
-        done = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+        listed = directory.iterdir() if directory.is_dir() else ()
+        done = sorted(int(p.name) for p in listed if p.name.isdigit())
         fix = ("free space there or use a --workdir with room" if code in _NO_ROOM
                else "fix that or use another --workdir")
         resume = (f"it resumes from step {done[-1]}, the last complete checkpoint" if done

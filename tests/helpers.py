@@ -1,6 +1,8 @@
 """Assertions shared by the test modules (imported as `helpers`; tests/ is on sys.path)."""
 
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -45,3 +47,12 @@ def fusion_operand_counts(hlo_text: str, op: str, header: str) -> list[int]:
                 and re.search(header, first_line)):
             counts.append(len(re.findall(r"\bparameter\(", computation)))
     return counts
+
+
+def run_module_with_file_size_limit(module: str, *args: str, timeout: int = 600,
+                                    limit_kib: int = 8192) -> subprocess.CompletedProcess:
+    """`python -m module args` unable to write any file over `limit_kib` KiB (`ulimit -f`): a
+    real failed write, e.g. of a ResNet-18 checkpoint (one ~40 MB file), without a full disk."""
+    return subprocess.run(["bash", "-c", f'ulimit -f {limit_kib} && exec "$@"', "-",
+                           sys.executable, "-m", module, *args],
+                          capture_output=True, text=True, timeout=timeout)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import run_module_with_file_size_limit
 
 import jaxsft
 from jaxsft import convert
@@ -101,12 +102,9 @@ def test_errors_are_one_line_with_status_2(source, tmp_path):
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(source, tmp_path):
-    # A real failed write inside Orbax: no file over 8 MB (`ulimit -f`, in KiB) may be written,
-    # and the converted weights (~45 MB) are one file.
-    result = subprocess.run(["bash", "-c", 'ulimit -f 8192 && exec "$@"', "-", sys.executable,
-                             "-m", "jaxsft.convert", "--arch", "resnet18", "--source",
-                             str(source), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=300)
+    # A real failed write inside Orbax: the converted weights (~45 MB) are one file.
+    result = run_module_with_file_size_limit("jaxsft.convert", "--arch", "resnet18", "--source",
+                                             str(source), "--out", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"python -m jaxsft.convert: error: could not write in {tmp_path}: File too large; free "

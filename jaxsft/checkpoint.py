@@ -125,7 +125,7 @@ def _writing(manager: ocp.CheckpointManager):
         directory = Path(manager.directory)
         listed = directory.iterdir() if directory.is_dir() else ()
         done = sorted(int(p.name) for p in listed if p.name.isdigit())
-        fix = ("free space there or use a --workdir with room" if code in _NO_ROOM
+        fix = ("free space there or use a --workdir with room" if code in NO_ROOM
                else "fix that or use another --workdir")
         resume = (f"it resumes from step {done[-1]}, the last complete checkpoint" if done
                   else "no checkpoint was completed, so it starts again")
@@ -134,7 +134,8 @@ def _writing(manager: ocp.CheckpointManager):
                               f"{resume}") from e
 
 
-_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# Errors that mean the disk (or the user's quota or file-size limit) has no room.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def os_error_code(error: BaseException) -> int | None:

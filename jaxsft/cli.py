@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -32,7 +31,9 @@ def exit_code(error: BaseException) -> int | None:
         return 128 + signal.Signals[error.signal_name].value
     if isinstance(error, TrainingError):
         return 1
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    from jaxsft.checkpoint import NO_ROOM
+
+    if isinstance(error, OSError) and error.errno in NO_ROOM:
         return 2  # a full disk (metrics, plots, exported files): the message names the path
     return 2 if isinstance(error, user_errors()) else None
 

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,9 @@ def convert(arch: str, source: str, out: str | os.PathLike, *, num_classes: int 
     try:
         _write(tmp, variables, meta)
         _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        _discard(tmp)
+        raise
     return out
 
 
@@ -84,6 +86,43 @@ def _write(directory: Path, variables: dict[str, Any], meta: dict[str, Any]) -> 
         raise OSError(f"could not write in {directory.parent}: {os.strerror(code)}; free space "
                       "there or choose another --out") from e
     (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _discard(directory: Path, quiet: float = 1.0, limit: float = 60.0) -> None:
+    """Remove a failed write's directory once nothing writes to it any more.
+
+    Orbax raises at the first failed write while TensorStore finishes the others in the
+    background, recreating missing parent directories: a directory removed at once can come
+    back. So it is removed only after nothing in it has changed for `quiet` seconds, and it must
+    then stay away for as long (bounded by `limit` seconds in all).
+    """
+    deadline = time.monotonic() + limit
+    last, since = _listing(directory), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = _listing(directory)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            if now is None:
+                return
+            shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _listing(directory: Path) -> tuple | None:
+    """Every entry under `directory` with its size, or None if it does not exist."""
+    if not directory.exists():
+        return None
+    entries = []
+    for root, dirs, files in os.walk(directory):
+        entries += [(root, name, -1) for name in dirs]
+        for name in files:
+            try:
+                entries.append((root, name, os.stat(os.path.join(root, name)).st_size))
+            except OSError:  # renamed or removed meanwhile: the next listing shows where
+                pass
+    return tuple(sorted(entries))
 
 
 def _replace(tmp: Path, out: Path) -> None:

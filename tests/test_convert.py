@@ -1,9 +1,12 @@
 """python -m jaxsft.convert: round trip against torchvision, overwrite rules, errors."""
 
+import errno
 import hashlib
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -110,6 +113,26 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(source, tmp_path):
         f"python -m jaxsft.convert: error: could not write in {tmp_path}: File too large; free "
         "space there or choose another --out"), result.stderr
     assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet18.pth"]
+
+
+def test_a_failed_write_is_removed_after_writes_still_in_flight(source, tmp_path, monkeypatch):
+    # Orbax raises at the first failed write while TensorStore finishes the others in the
+    # background, creating missing parent directories: the temporary directory must not
+    # come back once convert has raised.
+    def failing_write(directory, variables, meta):
+        def late_write():
+            time.sleep(0.3)
+            (directory / "variables" / "d").mkdir(parents=True, exist_ok=True)
+            (directory / "variables" / "d" / "chunk").write_bytes(b"late")
+
+        threading.Thread(target=late_write).start()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert, "_write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        convert.convert("resnet18", str(source), tmp_path / "out")
+    time.sleep(0.5)  # well after the late write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet18.pth"]
 
 

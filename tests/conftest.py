@@ -1,6 +1,7 @@
 """Test-wide set-up: 4 virtual CPU devices (before JAX starts), x64 on demand, no network."""
 
 import os
+import tempfile
 
 # Multi-device code paths (pmap, sharding) run on the CPU with forced host devices. This must
 # happen before JAX initialises its backends, hence at conftest import time.
@@ -22,6 +23,13 @@ def x64():
     """Float64 semantics for one test: where two correct implementations agree to ~1e-15."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def own_tempdir(tmp_path, monkeypatch):
+    """Python's temporary files for one test under its tmp_path: TFDS leaves an empty
+    `/tmp/tmp*tfds` directory each time it looks for a data set's metadata online."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from jaxsft.config import DataConfig
 N = 24  # examples the mock serves per split
 
 
-@pytest.fixture(scope="module")
-def tfds():
+@pytest.fixture
+def tfds(own_tempdir):
     import tensorflow_datasets
 
     return tensorflow_datasets

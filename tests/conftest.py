@@ -25,11 +25,18 @@ def x64():
         yield
 
 
-@pytest.fixture
-def own_tempdir(tmp_path, monkeypatch):
-    """Python's temporary files for one test under its tmp_path: TFDS leaves an empty
-    `/tmp/tmp*tfds` directory each time it looks for a data set's metadata online."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+@pytest.fixture(scope="session", autouse=True)
+def own_tempdir(tmp_path_factory):
+    """Python's temporary files, the tests' and their child processes', in one directory
+    removed at the end: TFDS leaves an empty `/tmp/tmp*tfds` whenever it builds a data set
+    that is not prepared yet (it looks for the metadata online)."""
+    tmp_path_factory.getbasetemp()  # pytest's own base stays where it was, failures kept
+    with tempfile.TemporaryDirectory(prefix="jaxsft-tests-") as path:
+        patch = pytest.MonkeyPatch()
+        patch.setenv("TMPDIR", path)
+        patch.setattr(tempfile, "tempdir", path)
+        yield
+        patch.undo()
 
 
 @pytest.fixture(scope="module")

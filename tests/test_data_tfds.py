@@ -20,8 +20,8 @@ from jaxsft.config import DataConfig
 N = 24  # examples the mock serves per split
 
 
-@pytest.fixture
-def tfds(own_tempdir):
+@pytest.fixture(scope="module")
+def tfds():
     import tensorflow_datasets
 
     return tensorflow_datasets

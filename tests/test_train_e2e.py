@@ -97,7 +97,7 @@ def test_fit_evaluate_predict_on_an_image_folder(folder, tmp_path):
     assert top[0][1] >= top[1][1] and 0 < top[0][1] <= 1
 
 
-def test_fit_under_tfds_mock_data(tmp_path, own_tempdir):
+def test_fit_under_tfds_mock_data(tmp_path):
     import tensorflow_datasets as tfds
     from test_data_tfds import write_metadata
 

@@ -123,6 +123,7 @@ def _writing(manager: ocp.CheckpointManager):
         if code is None:
             raise
         directory = Path(manager.directory)
+        # The disk, not manager.all_steps(): Orbax lists a step as soon as its save starts.
         listed = directory.iterdir() if directory.is_dir() else ()
         done = sorted(int(p.name) for p in listed if p.name.isdigit())
         fix = ("free space there or use a --workdir with room" if code in NO_ROOM

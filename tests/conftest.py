@@ -31,12 +31,11 @@ def own_tempdir(tmp_path_factory):
     removed at the end: TFDS leaves an empty `/tmp/tmp*tfds` whenever it builds a data set
     that is not prepared yet (it looks for the metadata online)."""
     tmp_path_factory.getbasetemp()  # pytest's own base stays where it was, failures kept
-    with tempfile.TemporaryDirectory(prefix="jaxsft-tests-") as path:
-        patch = pytest.MonkeyPatch()
+    with (tempfile.TemporaryDirectory(prefix="jaxsft-tests-") as path,
+          pytest.MonkeyPatch.context() as patch):
         patch.setenv("TMPDIR", path)
         patch.setattr(tempfile, "tempdir", path)
         yield
-        patch.undo()
 
 
 @pytest.fixture(scope="module")

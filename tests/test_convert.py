@@ -120,19 +120,22 @@ def test_a_failed_write_is_removed_after_writes_still_in_flight(source, tmp_path
     # Orbax raises at the first failed write while TensorStore finishes the others in the
     # background, creating missing parent directories: the temporary directory must not
     # come back once convert has raised.
+    writers = []
+
     def failing_write(directory, variables, meta):
         def late_write():
             time.sleep(0.3)
             (directory / "variables" / "d").mkdir(parents=True, exist_ok=True)
             (directory / "variables" / "d" / "chunk").write_bytes(b"late")
 
-        threading.Thread(target=late_write).start()
+        writers.append(threading.Thread(target=late_write))
+        writers[0].start()
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(convert, "_write", failing_write)
     with pytest.raises(OSError, match="No space left"):
         convert.convert("resnet18", str(source), tmp_path / "out")
-    time.sleep(0.5)  # well after the late write
+    writers[0].join()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet18.pth"]
 
 

@@ -202,7 +202,6 @@ def test_user_mistakes_fail_fast_with_exit_status_2(folder, tmp_path, bad_flags,
     assert "Traceback" not in out.stderr
 
 
-
 def test_a_full_disk_stops_with_one_line_and_the_rerun_trains_on(folder, tmp_path):
     # A real failed write, through Orbax's background threads.
     cfg = small_config(folder, tmp_path / "run", steps=2)

@@ -73,7 +73,7 @@ def convert(arch: str, source: str, out: str | os.PathLike, *, num_classes: int 
 def _write(directory: Path, variables: dict[str, Any], meta: dict[str, Any]) -> None:
     import orbax.checkpoint as ocp
 
-    from jaxsft.checkpoint import os_error_code
+    from jaxsft.checkpoint import NO_ROOM, os_error_code
 
     try:
         with ocp.StandardCheckpointer() as checkpointer:
@@ -83,8 +83,9 @@ def _write(directory: Path, variables: dict[str, Any], meta: dict[str, Any]) -> 
         code = os_error_code(e)
         if code is None:
             raise
-        raise OSError(f"could not write in {directory.parent}: {os.strerror(code)}; free space "
-                      "there or choose another --out") from e
+        fix = "free space there" if code in NO_ROOM else "fix that"
+        raise OSError(f"could not write in {directory.parent}: {os.strerror(code)}; {fix} or "
+                      "choose another --out") from e
     (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 

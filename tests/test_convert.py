@@ -3,6 +3,7 @@
 import errno
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -114,6 +115,22 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(source, tmp_path):
         "space there or choose another --out"), result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet18.pth"]
+
+
+@pytest.mark.parametrize("code,fix", [(errno.EDQUOT, "free space there"),
+                                      (errno.EACCES, "fix that")])
+def test_a_failed_orbax_write_names_the_fix_for_its_reason(tmp_path, monkeypatch, code, fix):
+    import orbax.checkpoint as ocp
+
+    class FailingCheckpointer(ocp.StandardCheckpointer):  # fails as Orbax re-raises TensorStore
+        def save(self, directory, *args, **kwargs):
+            raise ValueError(f"Error writing in {directory} [os_error_code='{code}']")
+
+    monkeypatch.setattr(ocp, "StandardCheckpointer", FailingCheckpointer)
+    with pytest.raises(OSError) as failed:
+        convert._write(tmp_path / "part", {}, {})
+    assert str(failed.value) == (f"could not write in {tmp_path}: {os.strerror(code)}; {fix} or "
+                                 "choose another --out")
 
 
 def test_a_failed_write_is_removed_after_writes_still_in_flight(source, tmp_path, monkeypatch):

@@ -4,7 +4,8 @@
 
 For each distinct convolution of the model (input shape, kernel, stride, padding) it times
 the forward pass, the input gradient and the kernel gradient, for each formulation of
-`jaxsft.models.conv` ("xla": lax.conv_general_dilated; "gemm": taps + matrix product) and,
+`jaxsft.models.conv` ("xla": lax.conv_general_dilated; "gemm": taps + matrix product; for the
+kernel gradient also "xla-stored": XLA's convolution on operands transposed from storage) and,
 with --torch, PyTorch's conv2d (channels_last) with autograd. Rounds alternate between the
 candidates so that load from other processes hits them alike; medians and spread are
 reported, with the choice `choose_algorithms` makes. Timings only: nothing here is a test.
@@ -23,9 +24,16 @@ import numpy as np
 from flax import linen as nn
 
 from jaxsft.models import create_model
-from jaxsft.models.conv import GEMM, XLA, Algorithms, choose_algorithms, conv2d
+from jaxsft.models.conv import GEMM, XLA, XLA_STORED, Algorithms, choose_algorithms, conv2d
 
 PASSES = ("forward", "input_grad", "kernel_grad")
+
+
+def formulations(which: str, groups: int) -> tuple[str, ...]:
+    """The formulations of `jaxsft.models.conv` that can compute this pass."""
+    if which == "kernel_grad" and groups == 1:
+        return XLA, GEMM, XLA_STORED
+    return XLA, GEMM
 
 
 def conv_shapes(model_name: str, size: int, batch: int) -> list[tuple]:
@@ -58,7 +66,9 @@ def jax_pass(shape: tuple, algorithm: str, which: str) -> Callable[[], jax.Array
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
     k = jnp.asarray(rng.standard_normal(k_shape) * 0.05, jnp.float32)
-    alg = Algorithms(algorithm, algorithm, algorithm)
+    # XLA_STORED is a kernel gradient only; its forward and input gradient are XLA's.
+    alg = (Algorithms(XLA, XLA, XLA_STORED) if algorithm == XLA_STORED
+           else Algorithms(algorithm, algorithm, algorithm))
 
     def f(x, k):
         return conv2d(x, k, strides, padding, groups, algorithms=alg)
@@ -132,7 +142,8 @@ def main() -> None:
         for which in args.passes.split(","):
             if which == "input_grad" and shape[0][-1] == 3:
                 continue  # the stem's input gradient is never computed
-            cands = {XLA: jax_pass(shape, XLA, which), GEMM: jax_pass(shape, GEMM, which)}
+            cands = {alg: jax_pass(shape, alg, which)
+                     for alg in formulations(which, shape[4])}
             if args.torch:
                 cands["torch"] = torch_pass(shape, which)
             times = {name: [] for name in cands}
@@ -143,12 +154,10 @@ def main() -> None:
                     times[name].append(timed(fn))
             med = {n: float(np.median(t)) for n, t in times.items()}
             chosen = getattr(pick, which)
-            totals[(which, XLA)] += count * med[XLA]
-            totals[(which, GEMM)] += count * med[GEMM]
+            for name in med:
+                totals[(which, name)] += count * med[name]
             totals[(which, "pick")] += count * med[chosen]
-            totals[(which, "best")] += count * min(med[XLA], med[GEMM])
-            if "torch" in med:
-                totals[(which, "torch")] += count * med["torch"]
+            totals[(which, "best")] += count * min(med[a] for a in cands if a != "torch")
             cells = "  ".join(f"{n} {med[n] * 1e3:7.2f} [{min(t) * 1e3:.1f}-{max(t) * 1e3:.1f}]"
                               for n, t in times.items())
             best = min(med, key=med.get)

@@ -154,6 +154,25 @@ def test_scaling_over_devices_fed_by_the_input_pipeline(tmp_path):
     assert any("functional check" in n for n in result["notes"])
 
 
+def test_conv_micro_times_every_formulation_and_the_one_the_model_picks():
+    # resnet18 at 32x32 has every rule of choose_algorithms: the stem's stored kernel gradient,
+    # XLA on 8x8 maps, matrix products for 1x1 kernels and small maps.
+    cmd = [sys.executable, "-m", "benchmarks.conv_micro", "--model", "resnet18", "--size",
+           "32", "--batch", "2", "--rounds", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("x")]
+    kernel_rows = [r for r in rows if " kernel_grad " in r]
+    assert len(kernel_rows) == 11 and all("xla-stored" in r for r in kernel_rows)
+    assert "pick xla-stored" in kernel_rows[0]  # the stem
+    assert {r.rsplit("pick ", 1)[1] for r in rows} == {"xla", "gemm", "xla-stored"}
+    totals = proc.stdout.split("totals over the model")[1]
+    for which in ("forward", "input_grad", "kernel_grad"):
+        assert f"  {which} " in totals
+    assert "xla-stored" in totals.split("kernel_grad")[1]
+
+
 def test_scaling_default_counts():
     assert scaling.default_counts(1) == [1]
     assert scaling.default_counts(4) == [1, 2, 4]

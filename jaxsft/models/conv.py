@@ -11,9 +11,13 @@ XLA's convolution is fast, its kernel gradient still needs both operands transpo
 XLA:CPU recomputes BatchNorm and ReLU inside those transposes; the "xla-stored" kernel
 gradient writes that convolution out with the transposes made from stored values.
 
+On large float32 maps the forward pass and the stride-1 input gradient go to oneDNN's direct
+convolution instead (`jaxsft.models.onednn`: XLA:CPU's own oneDNN custom call, 1.2-1.7x
+faster than its Eigen convolution there).
+
 `conv2d` picks, per pass (forward, input gradient, kernel gradient) and per shape, XLA's
-convolution or the matrix-product form; the choice only changes float rounding. On any other
-backend (GPU, TPU) it is plain `lax.conv_general_dilated`. `Conv` is a drop-in for
+convolution, oneDNN's or the matrix-product form; the choice only changes float rounding.
+On any other backend (GPU, TPU) it is plain `lax.conv_general_dilated`. `Conv` is a drop-in for
 `flax.linen.Conv(use_bias=False)`: same parameter ("kernel", HWIO), init and dtype promotion.
 Unless every pass is plain "xla" the convolution on the CPU is a custom VJP: reverse-mode
 (grad, vjp) works to any order, forward-mode (jvp, jacfwd) does not.
@@ -30,11 +34,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from jaxsft.models import onednn
 from jaxsft.models.stored import from_storage
 
 XLA = "xla"
 GEMM = "gemm"
 XLA_STORED = "xla-stored"  # kernel gradient only: see _stored_kernel_grad
+ONEDNN = "onednn"  # forward and stride-1 input gradient, float32 only: see jaxsft.models.onednn
 ALGORITHMS = (XLA, GEMM)
 KERNEL_GRAD_ALGORITHMS = (XLA, GEMM, XLA_STORED)
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -45,15 +51,16 @@ PaddingLike = str | int | Sequence[int | tuple[int, int]]  # as flax.linen.Conv 
 # choose_algorithms' threshold (output positions Ho*Wo), from benchmarks/cpu_notes.md.
 SMALL_MAP = 16
 
-__all__ = ["ALGORITHMS", "KERNEL_GRAD_ALGORITHMS", "Algorithms", "Conv", "choose_algorithms",
-           "conv2d", "max_pool"]
+__all__ = ["ALGORITHMS", "KERNEL_GRAD_ALGORITHMS", "ONEDNN", "Algorithms", "Conv",
+           "choose_algorithms", "conv2d", "max_pool"]
 
 
 class Algorithms(NamedTuple):
     """How each pass computes: "xla" (lax convolution) or "gemm" (taps + matrix product).
 
     The kernel gradient may also be "xla-stored": XLA's convolution on operands transposed
-    from their stored values (see `_stored_kernel_grad`).
+    from their stored values (see `_stored_kernel_grad`); the forward pass and a stride-1
+    input gradient may be "onednn" (float32 on the CPU, `jaxsft.models.onednn`).
     """
 
     forward: str = XLA
@@ -91,15 +98,10 @@ def conv2d(
     pads = _padding(padding, x.shape[1:3], kernel.shape[:2], strides)
     _check_shapes(x.shape, kernel.shape, feature_group_count)
     if algorithms is None:
-        algorithms = choose_algorithms(x.shape, kernel.shape, strides, pads, feature_group_count)
-    elif (len(algorithms) != 3 or any(a not in ALGORITHMS for a in algorithms[:2])
-          or algorithms[2] not in KERNEL_GRAD_ALGORITHMS):
-        raise ValueError(f"algorithms must be (forward, input_grad, kernel_grad) drawn from "
-                         f"{ALGORITHMS}, the kernel gradient also from {XLA_STORED!r}; got "
-                         f"{algorithms}")
-    elif algorithms[2] == XLA_STORED and feature_group_count != 1:
-        raise ValueError(f"the {XLA_STORED!r} kernel gradient needs feature_group_count=1: "
-                         f"use {XLA!r} for grouped convolutions")
+        algorithms = choose_algorithms(x.shape, kernel.shape, strides, pads, feature_group_count,
+                                       dtype=x.dtype if kernel.dtype == x.dtype else None)
+    else:
+        _check_algorithms(algorithms, strides, feature_group_count, x.dtype, kernel.dtype)
     geometry = _Geometry(strides, pads, feature_group_count, Algorithms(*algorithms))
     xla = functools.partial(_xla_conv, geometry=geometry)
     if geometry.algorithms == Algorithms(XLA, XLA, XLA):
@@ -108,21 +110,43 @@ def conv2d(
                                   default=xla)
 
 
+def _check_algorithms(algorithms: Sequence[str], strides: tuple[int, int], groups: int,
+                      dtype: Any, kernel_dtype: Any) -> None:
+    if (len(algorithms) != 3 or any(a not in (*ALGORITHMS, ONEDNN) for a in algorithms[:2])
+            or algorithms[2] not in KERNEL_GRAD_ALGORITHMS):
+        raise ValueError(f"algorithms must be (forward, input_grad, kernel_grad) drawn from "
+                         f"{ALGORITHMS}, the forward and input gradient also from {ONEDNN!r}, "
+                         f"the kernel gradient also from {XLA_STORED!r}; got {algorithms}")
+    if algorithms[2] == XLA_STORED and groups != 1:
+        raise ValueError(f"the {XLA_STORED!r} kernel gradient needs feature_group_count=1: "
+                         f"use {XLA!r} for grouped convolutions")
+    if ONEDNN in algorithms:
+        if groups != 1 or (algorithms[1] == ONEDNN and strides != (1, 1)):
+            raise ValueError(f"{ONEDNN!r} computes ungrouped forward passes and stride-1 input "
+                             f"gradients only: use {XLA!r} here")
+        if kernel_dtype != dtype or not onednn.available(dtype):
+            raise ValueError(f"{ONEDNN!r} needs float32 input and kernel and jaxlib "
+                             f"{' or '.join(onednn.TESTED_JAXLIB)}: use {XLA!r} here")
+
+
 def choose_algorithms(
     x_shape: Sequence[int],
     kernel_shape: Sequence[int],
     strides: tuple[int, int],
     padding: Padding,
     groups: int = 1,
+    dtype: Any = None,
 ) -> Algorithms:
-    """The faster exact formulation of each pass on XLA:CPU, by rules measured on ResNets.
+    """The faster formulation of each pass on XLA:CPU, by rules measured on ResNets.
 
     - 1x1 kernels: a matrix product in every pass (XLA's 1x1 kernel gradient is 3-8x slower).
     - small output maps (<= 16 positions): matrix products (XLA swaps the operands of a 3x3
       conv on a 2x2 map and runs at ~1 GFLOP/s).
     - grouped convolutions: XLA's convolution in every pass.
     - otherwise (large maps, the 7x7 stem): XLA's convolution, the kernel gradient from stored
-      operands (XLA:CPU would recompute BatchNorm and ReLU inside its operand transposes).
+      operands (XLA:CPU would recompute BatchNorm and ReLU inside its operand transposes);
+      for a float32 `dtype`, oneDNN's convolution for the forward pass and, at stride 1, the
+      input gradient.
     The measurements behind each rule are in benchmarks/cpu_notes.md.
     """
     kh, kw = kernel_shape[:2]
@@ -134,6 +158,8 @@ def choose_algorithms(
         x_shape[2], kw, strides[1], padding[1])
     if positions <= SMALL_MAP:
         return Algorithms(GEMM, GEMM, GEMM)
+    if dtype is not None and onednn.available(dtype):
+        return Algorithms(ONEDNN, ONEDNN if strides == (1, 1) else XLA, XLA_STORED)
     return Algorithms(XLA, XLA, XLA_STORED)
 
 
@@ -266,6 +292,8 @@ def _stored_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _cpu_conv_vjp(x: jax.Array, kernel: jax.Array, geometry: _Geometry) -> jax.Array:
+    if geometry.algorithms.forward == ONEDNN:
+        return onednn.conv(x, kernel, geometry.strides, geometry.padding)
     forward = _gemm_conv if geometry.algorithms.forward == GEMM else _xla_conv
     return forward(x, kernel, geometry)
 
@@ -286,6 +314,8 @@ def _cpu_conv_bwd(geometry: _Geometry, residuals: tuple, g: jax.Array):
     by_gemm = autodiff(_gemm_conv) if geometry.groups != 1 else None
     if algorithms.input_grad == XLA:
         dx = autodiff(_xla_conv)[0]
+    elif algorithms.input_grad == ONEDNN:
+        dx = onednn.input_grad(g, kernel, geometry.padding)
     else:
         dx = by_gemm[0] if by_gemm else _gemm_input_grad(g, kernel, x.shape, geometry)
     if algorithms.kernel_grad == XLA:

@@ -123,7 +123,7 @@ def _lowering(ctx, x, kernel, *, strides, padding, kernel_dims):
         "feature_groups": 1}}
     out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
     return custom_call(TARGET, result_types=[out_type], operands=[x, kernel],
-                            backend_config=json.dumps(config), api_version=1).results
+                       backend_config=json.dumps(config), api_version=1).results
 
 
 def _data_layout(dims: tuple[int, ...]) -> dict:

@@ -5,8 +5,9 @@
 For each distinct convolution of the model (input shape, kernel, stride, padding) it times
 the forward pass, the input gradient and the kernel gradient, for each formulation of
 `jaxsft.models.conv` ("xla": lax.conv_general_dilated; "gemm": taps + matrix product; for the
-kernel gradient also "xla-stored": XLA's convolution on operands transposed from storage) and,
-with --torch, PyTorch's conv2d (channels_last) with autograd. Rounds alternate between the
+kernel gradient also "xla-stored": XLA's convolution on operands transposed from storage; for
+the forward pass and stride-1 input gradients also "onednn", jaxsft.models.onednn) in float32
+and, with --torch, PyTorch's conv2d (channels_last) with autograd. Rounds alternate between the
 candidates so that load from other processes hits them alike; medians and spread are
 reported, with the choice `choose_algorithms` makes. Timings only: nothing here is a test.
 """
@@ -23,16 +24,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxsft.models import create_model
-from jaxsft.models.conv import GEMM, XLA, XLA_STORED, Algorithms, choose_algorithms, conv2d
+from jaxsft.models import create_model, onednn
+from jaxsft.models.conv import (
+    GEMM,
+    ONEDNN,
+    XLA,
+    XLA_STORED,
+    Algorithms,
+    choose_algorithms,
+    conv2d,
+)
 
 PASSES = ("forward", "input_grad", "kernel_grad")
 
 
-def formulations(which: str, groups: int) -> tuple[str, ...]:
-    """The formulations of `jaxsft.models.conv` that can compute this pass."""
-    if which == "kernel_grad" and groups == 1:
+def formulations(which: str, groups: int, strides: tuple[int, int]) -> tuple[str, ...]:
+    """The formulations of `jaxsft.models.conv` that can compute this pass (float32)."""
+    if groups != 1:
+        return XLA, GEMM
+    if which == "kernel_grad":
         return XLA, GEMM, XLA_STORED
+    if onednn.available(jnp.float32) and (which == "forward" or strides == (1, 1)):
+        return XLA, GEMM, ONEDNN
     return XLA, GEMM
 
 
@@ -66,9 +79,11 @@ def jax_pass(shape: tuple, algorithm: str, which: str) -> Callable[[], jax.Array
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
     k = jnp.asarray(rng.standard_normal(k_shape) * 0.05, jnp.float32)
-    # XLA_STORED is a kernel gradient only; its forward and input gradient are XLA's.
-    alg = (Algorithms(XLA, XLA, XLA_STORED) if algorithm == XLA_STORED
-           else Algorithms(algorithm, algorithm, algorithm))
+    # XLA_STORED and ONEDNN compute some passes only; XLA computes the others.
+    if algorithm in (XLA_STORED, ONEDNN):
+        alg = Algorithms(*(algorithm if pass_ == which else XLA for pass_ in PASSES))
+    else:
+        alg = Algorithms(algorithm, algorithm, algorithm)
 
     def f(x, k):
         return conv2d(x, k, strides, padding, groups, algorithms=alg)
@@ -138,12 +153,12 @@ def main() -> None:
     totals: collections.Counter = collections.Counter()
     for *shape, count in conv_shapes(args.model, args.size, args.batch):
         shape = tuple(shape)
-        pick = choose_algorithms(*shape[:4], shape[4])
+        pick = choose_algorithms(*shape[:4], shape[4], dtype=jnp.float32)
         for which in args.passes.split(","):
             if which == "input_grad" and shape[0][-1] == 3:
                 continue  # the stem's input gradient is never computed
             cands = {alg: jax_pass(shape, alg, which)
-                     for alg in formulations(which, shape[4])}
+                     for alg in formulations(which, shape[4], shape[2])}
             if args.torch:
                 cands["torch"] = torch_pass(shape, which)
             times = {name: [] for name in cands}
@@ -154,8 +169,9 @@ def main() -> None:
                     times[name].append(timed(fn))
             med = {n: float(np.median(t)) for n, t in times.items()}
             chosen = getattr(pick, which)
-            for name in med:
-                totals[(which, name)] += count * med[name]
+            # A formulation that cannot compute this convolution counts XLA's time for it.
+            for name in {*formulations(which, 1, (1, 1)), *med}:
+                totals[(which, name)] += count * med.get(name, med[XLA])
             totals[(which, "pick")] += count * med[chosen]
             totals[(which, "best")] += count * min(med[a] for a in cands if a != "torch")
             cells = "  ".join(f"{n} {med[n] * 1e3:7.2f} [{min(t) * 1e3:.1f}-{max(t) * 1e3:.1f}]"

@@ -155,8 +155,9 @@ def test_scaling_over_devices_fed_by_the_input_pipeline(tmp_path):
 
 
 def test_conv_micro_times_every_formulation_and_the_one_the_model_picks():
-    # resnet18 at 32x32 has every rule of choose_algorithms: the stem's stored kernel gradient,
-    # XLA on 8x8 maps, matrix products for 1x1 kernels and small maps.
+    # resnet18 at 32x32 has every rule of choose_algorithms but XLA's strided input gradient
+    # (>16-position outputs only): oneDNN and the stored kernel gradient on the stem and the
+    # 8x8 maps, matrix products for 1x1 kernels and small maps.
     cmd = [sys.executable, "-m", "benchmarks.conv_micro", "--model", "resnet18", "--size",
            "32", "--batch", "2", "--rounds", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -166,7 +167,11 @@ def test_conv_micro_times_every_formulation_and_the_one_the_model_picks():
     kernel_rows = [r for r in rows if " kernel_grad " in r]
     assert len(kernel_rows) == 11 and all("xla-stored" in r for r in kernel_rows)
     assert "pick xla-stored" in kernel_rows[0]  # the stem
-    assert {r.rsplit("pick ", 1)[1] for r in rows} == {"xla", "gemm", "xla-stored"}
+    assert {r.rsplit("pick ", 1)[1] for r in rows} == {"onednn", "gemm", "xla-stored"}
+    picked_onednn = [r.split(" g1 ")[1].split()[0] for r in rows if r.endswith("pick onednn")]
+    assert picked_onednn == ["forward", "forward", "input_grad"]  # stem; 8x8 maps
+    forwards = [r for r in rows if " forward " in r]
+    assert forwards and all(" onednn " in r for r in forwards)  # a candidate everywhere
     totals = proc.stdout.split("totals over the model")[1]
     for which in ("forward", "input_grad", "kernel_grad"):
         assert f"  {which} " in totals

@@ -155,9 +155,10 @@ def test_scaling_over_devices_fed_by_the_input_pipeline(tmp_path):
 
 
 def test_conv_micro_times_every_formulation_and_the_one_the_model_picks():
-    # resnet18 at 32x32 has every rule of choose_algorithms but XLA's strided input gradient
-    # (>16-position outputs only): oneDNN and the stored kernel gradient on the stem and the
-    # 8x8 maps, matrix products for 1x1 kernels and small maps.
+    # resnet18 at 32x32 has most rules of choose_algorithms (not grouped convolutions, nor
+    # XLA's strided input gradient, which needs > 16 output positions): oneDNN and the stored
+    # kernel gradient on the stem and the 8x8 maps, matrix products for 1x1 kernels and small
+    # maps.
     cmd = [sys.executable, "-m", "benchmarks.conv_micro", "--model", "resnet18", "--size",
            "32", "--batch", "2", "--rounds", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -108,6 +108,19 @@ def test_a_jaxlib_whose_runtime_was_not_tested_keeps_xla(monkeypatch):
     assert onednn.available(jnp.float32)
 
 
+def test_jaxsft_onednn_off_keeps_xla(monkeypatch):
+    shape, kernel = (32, 56, 56, 64), (3, 3, 64, 64)
+    monkeypatch.setenv("JAXSFT_ONEDNN", "off")
+    assert choose_algorithms(shape, kernel, (1, 1), ((1, 1),) * 2, dtype=jnp.float32) == (
+        Algorithms("xla", "xla", "xla-stored"))
+    with pytest.raises(ValueError, match="JAXSFT_ONEDNN not 'off'"):
+        conv2d(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2)), 1, 1,
+               algorithms=("onednn", "xla", "xla"))
+    monkeypatch.setenv("JAXSFT_ONEDNN", "on")
+    assert choose_algorithms(shape, kernel, (1, 1), ((1, 1),) * 2,
+                             dtype=jnp.float32).forward == "onednn"
+
+
 def test_vmap_and_second_order_gradients_work_through_the_custom_vjp():
     x, kernel, strides, padding = case(SHAPES[0])
     algorithms = Algorithms("onednn", "onednn", "xla-stored")

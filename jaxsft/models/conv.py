@@ -125,8 +125,9 @@ def _check_algorithms(algorithms: Sequence[str], strides: tuple[int, int], group
             raise ValueError(f"{ONEDNN!r} computes ungrouped forward passes and stride-1 input "
                              f"gradients only: use {XLA!r} here")
         if kernel_dtype != dtype or not onednn.available(dtype):
-            raise ValueError(f"{ONEDNN!r} needs float32 input and kernel and jaxlib "
-                             f"{' or '.join(onednn.TESTED_JAXLIB)}: use {XLA!r} here")
+            raise ValueError(f"{ONEDNN!r} needs float32 input and kernel, jaxlib "
+                             f"{' or '.join(onednn.TESTED_JAXLIB)} and {onednn.ENV_VAR} not "
+                             f"'off': use {XLA!r} here")
 
 
 def choose_algorithms(

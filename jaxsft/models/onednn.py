@@ -11,7 +11,8 @@ Eigen spends 20-25% of a 56x56 convolution packing image patches; oneDNN convolv
 Only float32 (oneDNN has no float64 convolution), only forward convolutions (the input
 gradient of a stride-1 convolution is one: the kernel flipped, its feature axes swapped), and
 only the jaxlib versions whose runtime was tested (`available`): the config is XLA's internal
-format. Everything else keeps XLA's convolution. oneDNN sums in its own order: results differ
+format. Everything else keeps XLA's convolution, as does everything when the environment has
+JAXSFT_ONEDNN=off (read when a model is traced). oneDNN sums in its own order: results differ
 from XLA's by float32 rounding (tests/test_onednn.py bounds it against float64).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Sequence
 
 import jax
@@ -33,6 +35,7 @@ from jaxsft import xla_cpu
 __all__ = ["available", "conv", "input_grad"]
 
 TARGET = "__onednn$convolution"
+ENV_VAR = "JAXSFT_ONEDNN"  # "off": XLA's convolutions only
 TESTED_JAXLIB = ("0.10.2",)  # runtimes whose config format and thunk were checked by the tests
 # Tensor dimension roles, as the config names them: (batch, feature, *spatial) for data,
 # (input feature, output feature, *spatial) for the kernel. NHWC data, HWIO kernel.
@@ -50,8 +53,9 @@ def _runtime_tested() -> bool:
 
 
 def available(dtype) -> bool:
-    """Whether `conv`/`input_grad` can compute this dtype on this jaxlib's XLA:CPU."""
-    return jnp.dtype(dtype) == jnp.float32 and _runtime_tested()
+    """Whether `conv`/`input_grad` can and may compute this dtype on this jaxlib's XLA:CPU."""
+    return (jnp.dtype(dtype) == jnp.float32 and _runtime_tested()
+            and os.environ.get(ENV_VAR, "").lower() != "off")
 
 
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],

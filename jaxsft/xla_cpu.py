@@ -42,12 +42,17 @@ def jaxlib_version() -> str | None:
         return None
 
 
+def is_tested(versions: tuple[str, ...], jaxlib: str | None = None) -> bool:
+    """Whether the installed jaxlib (or `jaxlib`) is one of `versions` (version prefixes)."""
+    version = jaxlib if jaxlib is not None else jaxlib_version()
+    return version is not None and version.startswith(versions)
+
+
 def apply(environ: MutableMapping[str, str] = os.environ,
           jaxlib: str | None = None) -> dict[str, str]:
     """Appends each of FLAGS that the user has not set to XLA_FLAGS; returns those of FLAGS
     in effect with jaxsft's value (name -> value)."""
-    version = jaxlib if jaxlib is not None else jaxlib_version()
-    if version is None or not version.startswith(TESTED_JAXLIB):
+    if not is_tested(TESTED_JAXLIB, jaxlib):
         return {}
     flags = environ.get("XLA_FLAGS", "")
     tokens = flags.split()

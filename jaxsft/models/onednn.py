@@ -48,8 +48,7 @@ Padding = tuple[tuple[int, int], tuple[int, int]]
 
 @functools.cache
 def _runtime_tested() -> bool:
-    version = xla_cpu.jaxlib_version()
-    return version is not None and version.startswith(TESTED_JAXLIB)
+    return xla_cpu.is_tested(TESTED_JAXLIB)
 
 
 def available(dtype) -> bool:

@@ -5,24 +5,18 @@ cache a repeated run with the same shapes, flags and library versions loads the 
 from disk instead. Any entry point can call `enable_compilation_cache()` once, before its
 first compilation.
 
-XLA:CPU cannot serialize an executable that calls oneDNN (`jaxsft.models.onednn`: the CPU
-train and eval steps in float32): JAX's attempt to store one fails with `std::bad_alloc` and
-warns. Those steps compile again each run (seconds on a CPU), so that warning is silenced;
-any other failure to write an entry still warns.
+XLA:CPU cannot store executables that call oneDNN (the CPU's float32 steps): those compile
+again each run (see `jaxsft.models.onednn`).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import jax
 
 ENV_VAR = "JAXSFT_CACHE"  # the same root as downloaded weights (jaxsft.weights)
-# JAX's warning when XLA:CPU fails to serialize an executable with a oneDNN call in it.
-UNSERIALIZABLE = (r"Error writing persistent compilation cache entry for '[^']*': "
-                  r"MemoryError: std::bad_alloc")
 
 
 def default_cache_dir() -> Path:
@@ -45,7 +39,6 @@ def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> Path
         path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    warnings.filterwarnings("ignore", message=UNSERIALIZABLE, category=UserWarning)
     return path
 
 

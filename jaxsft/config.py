@@ -30,6 +30,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 SCHEDULES = ("constant", "step", "multistep", "cosine", "linear")
 OPTIMIZERS = ("sgd", "adamw", "adam", "lars")
 RECIPES = ("full", "linear-probe")
+LR_SCALINGS = ("none", "linear")
 BN_MODES = ("train", "frozen")
 AUGMENTS = ("imagenet", "light", "none")
 
@@ -47,6 +48,9 @@ class ModelConfig:
     dtype: str = _field(
         "float32", "compute dtype; parameters stay float32 (float64 turns on JAX's x64 mode)",
         DTYPES)
+
+    def __post_init__(self) -> None:
+        _check_model(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +82,16 @@ class DataConfig:
     )
     strict_images: bool = _field(False, "fail on a corrupt image instead of skipping it")
 
+    def __post_init__(self) -> None:
+        _check_data(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = _field("sgd", "optimizer; sgd has torch.optim.SGD semantics", OPTIMIZERS)
     lr: float = _field(0.01, "base learning rate (the backbone's)")
     lr_scaling: str = _field(
-        "none", "linear = lr x batch/256 (Goyal et al.)", ("none", "linear")
+        "none", "linear = lr x batch/256 (Goyal et al.)", LR_SCALINGS
     )
     momentum: float = _field(0.9, "SGD momentum (beta1 for Adam)")
     nesterov: bool = _field(False, "Nesterov momentum")
@@ -107,6 +114,9 @@ class OptimConfig:
     layer_decay: float = _field(
         1.0, "layer-wise rate decay: stage k from the top trains at lr x decay^k"
     )
+
+    def __post_init__(self) -> None:
+        _check_optim(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +143,13 @@ class RunConfig:
     overwrite: bool = _field(
         False, "a workdir of a different config: move it aside to <workdir>.replaced-<time> "
         "and start afresh (nothing is deleted)")
+    extend: bool = _field(
+        False, "let a longer --steps/--epochs continue a run whose learning-rate schedule "
+        "depends on its length (cosine, linear): the remaining steps follow the longer "
+        "schedule; constant, step and multistep schedules continue without it")
+
+    def __post_init__(self) -> None:
+        _check_run(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +158,9 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _check_config(self)
 
     def replace(self, **flat: Any) -> Config:
         """A copy with flat field names changed, e.g. `cfg.replace(lr=0.1, steps=10)`."""
@@ -179,9 +199,7 @@ def _from_flat(flat: dict[str, Any]) -> Config:
     for name, value in flat.items():
         section, f = FLAT_FIELDS[name]
         kwargs[section][name] = _coerce(name, value, _field_type(section, name))
-    cfg = Config(**{s: cls(**kwargs[s]) for s, cls in _SECTION_CLASSES.items()})
-    validate(cfg)
-    return cfg
+    return Config(**{s: cls(**kwargs[s]) for s, cls in _SECTION_CLASSES.items()})
 
 
 def from_dict(d: dict[str, Any]) -> Config:
@@ -215,60 +233,74 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
         raise ConfigError(f"config field {name!r} expects {base.__name__}, got {value!r}") from None
 
 
-def validate(cfg: Config) -> None:
-    """Refuses invalid settings and combinations with one line naming the fix."""
-    m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
-    for name, value, choices in [
-        ("dtype", m.dtype, DTYPES), ("schedule", o.schedule, SCHEDULES),
-        ("optimizer", o.optimizer, OPTIMIZERS), ("recipe", o.recipe, RECIPES),
-        ("bn", r.bn, BN_MODES), ("augment", d.augment, AUGMENTS),
-        ("lr-scaling", o.lr_scaling, ("none", "linear")),
-    ]:
-        if value not in choices:
-            raise ConfigError(f"--{name} {value!r} is not one of {', '.join(choices)}")
-    positive = [("batch-size", d.batch_size), ("image-size", d.image_size),
-                ("accum-steps", r.accum_steps), ("keep", r.keep), ("log-every", r.log_every)]
-    for name, value in positive + [
-        ("eval-batch-size", d.eval_batch_size), ("num-classes", m.num_classes),
-        ("steps", r.steps), ("eval-every", r.eval_every),
-        ("checkpoint-every", r.checkpoint_every),
-    ]:
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{name} must be positive, got {value}")
-    if r.epochs is not None and r.epochs <= 0:
-        raise ConfigError(f"--epochs must be positive, got {r.epochs}")
-    if o.lr <= 0:
-        raise ConfigError(f"--lr must be positive, got {o.lr}")
+def _check_model(m: ModelConfig) -> None:
+    _one_of("dtype", m.dtype, DTYPES)
+    _positive("num-classes", m.num_classes)
+
+
+def _check_data(d: DataConfig) -> None:
+    _one_of("augment", d.augment, AUGMENTS)
+    for name, value in (("batch-size", d.batch_size), ("image-size", d.image_size),
+                        ("eval-batch-size", d.eval_batch_size)):
+        _positive(name, value)
+    if not 0 < d.crop_ratio <= 1:
+        raise ConfigError(f"--crop-ratio must be in (0, 1], got {d.crop_ratio}")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in (0, 1), got {d.val_fraction}")
+
+
+def _check_optim(o: OptimConfig) -> None:
+    for name, value, choices in (("schedule", o.schedule, SCHEDULES),
+                                 ("optimizer", o.optimizer, OPTIMIZERS),
+                                 ("recipe", o.recipe, RECIPES),
+                                 ("lr-scaling", o.lr_scaling, LR_SCALINGS)):
+        _one_of(name, value, choices)
+    for name, value in (("lr", o.lr), ("gamma", o.gamma), ("step-epochs", o.step_epochs),
+                        ("head-lr-mult", o.head_lr_mult), ("clip-grad-norm", o.clip_grad_norm)):
+        _positive(name, value)
     if not 0 <= o.momentum < 1:
         raise ConfigError(f"--momentum must be in [0, 1), got {o.momentum}")
     if o.nesterov and o.momentum == 0:
         raise ConfigError("--nesterov needs a positive --momentum")
     if o.nesterov and o.optimizer != "sgd":
         raise ConfigError("--nesterov applies to --optimizer sgd only")
-    if o.weight_decay < 0:
-        raise ConfigError(f"--weight-decay must be >= 0, got {o.weight_decay}")
-    if not 0 <= r.label_smoothing < 1:
-        raise ConfigError(f"--label-smoothing must be in [0, 1), got {r.label_smoothing}")
-    if not 0 < d.crop_ratio <= 1:
-        raise ConfigError(f"--crop-ratio must be in (0, 1], got {d.crop_ratio}")
-    if not 0 < d.val_fraction < 1:
-        raise ConfigError(f"--val-fraction must be in (0, 1), got {d.val_fraction}")
-    if d.batch_size % r.accum_steps:
-        raise ConfigError(
-            f"--batch-size {d.batch_size} is not divisible by --accum-steps {r.accum_steps}"
-        )
-    if o.clip_grad_norm is not None and o.clip_grad_norm <= 0:
-        raise ConfigError(f"--clip-grad-norm must be positive, got {o.clip_grad_norm}")
+    for name, value in (("weight-decay", o.weight_decay), ("warmup-epochs", o.warmup_epochs)):
+        if value < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {value}")
     if not 0 < o.layer_decay <= 1:
         raise ConfigError(f"--layer-decay must be in (0, 1], got {o.layer_decay}")
-    if o.head_lr_mult <= 0:
-        raise ConfigError(f"--head-lr-mult must be positive, got {o.head_lr_mult}")
     if o.schedule == "multistep" and not o.milestones:
         raise ConfigError("--schedule multistep needs --milestones, e.g. --milestones 30 60")
+
+
+def _check_run(r: RunConfig) -> None:
+    _one_of("bn", r.bn, BN_MODES)
+    for name, value in (("accum-steps", r.accum_steps), ("keep", r.keep),
+                        ("log-every", r.log_every), ("steps", r.steps), ("epochs", r.epochs),
+                        ("eval-every", r.eval_every), ("checkpoint-every", r.checkpoint_every)):
+        _positive(name, value)
+    if not 0 <= r.label_smoothing < 1:
+        raise ConfigError(f"--label-smoothing must be in [0, 1), got {r.label_smoothing}")
+
+
+def _check_config(cfg: Config) -> None:
+    """What no section can check alone. Batch sizes against devices and accumulation are
+    checked where the devices are known (`jaxsft.trainer.make_plan`)."""
+    m, o, r = cfg.model, cfg.optim, cfg.run
     if o.recipe == "linear-probe" and m.weights is None:
         raise ConfigError("--recipe linear-probe needs --weights: a random backbone stays random")
     if r.bn == "frozen" and m.weights is None and r.resume is None:
         raise ConfigError("--bn frozen needs --weights: random running statistics stay random")
+
+
+def _one_of(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{name} {value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"--{name} must be positive, got {value}")
 
 
 # ---------------------------------------------------------------------- CLI

@@ -112,16 +112,20 @@ def test_schedule_runs_jitted_in_float32():
     assert float(got) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 45 / 90)), rel=1e-6)
 
 
-@pytest.mark.parametrize("cfg, kwargs, match", [
-    (OptimConfig(warmup_epochs=10), {}, "shorten the warmup"),
-    (OptimConfig(schedule="multistep"), {}, "--milestones"),
-    (OptimConfig(schedule="step", step_epochs=0), {}, "--step-epochs"),
-    (OptimConfig(), {"total_steps": 0}, "total_steps"),
+@pytest.mark.parametrize("fields, kwargs, match", [
+    ({"warmup_epochs": 10}, {}, "shorten the warmup"),
+    ({"schedule": "multistep"}, {}, "--milestones"),
+    ({"schedule": "step", "step_epochs": 0}, {}, "--step-epochs"),
+    ({"schedule": "step", "gamma": 0}, {}, "--gamma"),
+    ({"warmup_epochs": -1}, {}, "--warmup-epochs"),
+    ({}, {"total_steps": 0}, "total_steps"),
 ])
-def test_schedule_refuses_bad_settings(cfg, kwargs, match):
+def test_schedule_refuses_bad_settings(fields, kwargs, match):
+    """Each fact is refused once: a setting when the OptimConfig is made, the warmup against
+    the run's length when the schedule is built."""
     args = {"total_steps": TOTAL, "steps_per_epoch": SPE, "batch_size": 64, **kwargs}
     with pytest.raises(ConfigError, match=match):
-        create_optimizer(cfg, **args)
+        create_optimizer(OptimConfig(**fields), **args)
 
 
 # ------------------------------------------------------------------------- trajectories

@@ -44,23 +44,31 @@ class _OrbaxNoise(logging.Filter):
         return True
 
 
-for _logger in ("absl", "asyncio"):
-    logging.getLogger(_logger).addFilter(_OrbaxNoise())
-
-
-def _drop_closed_loop_callbacks(previous=sys.unraisablehook):
+class _ClosedLoopHook:
     """After a failed write, TensorStore completes Orbax's futures into event loops Orbax has
     already closed: dozens of "Event loop is closed" tracebacks with nothing to act on."""
 
-    def hook(unraisable) -> None:
+    def __init__(self, previous) -> None:
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
         if not (isinstance(unraisable.exc_value, RuntimeError)
                 and str(unraisable.exc_value) == "Event loop is closed"):
-            previous(unraisable)
-
-    return hook
+            self.previous(unraisable)
 
 
-sys.unraisablehook = _drop_closed_loop_callbacks()
+def quiet_orbax() -> None:
+    """Drops Orbax's noise (see _OrbaxNoise, _ClosedLoopHook) from this process's logs.
+
+    Process-wide (logging filters, `sys.unraisablehook`), so the CLIs call it through
+    `jaxsft.setup()`; importing this module changes nothing. Calling it again is harmless.
+    """
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OrbaxNoise) for f in logger.filters):
+            logger.addFilter(_OrbaxNoise())
+    if not isinstance(sys.unraisablehook, _ClosedLoopHook):
+        sys.unraisablehook = _ClosedLoopHook(sys.unraisablehook)
 
 
 class CheckpointError(RuntimeError):

@@ -3,6 +3,7 @@
 import errno
 import logging
 import shutil
+import sys
 import types
 
 import jax
@@ -167,9 +168,21 @@ def test_orbax_noise_after_a_failed_write_is_one_line_per_thread():
     assert checkpoint._OrbaxNoise().filter(record) and record.exc_info[1] is bug
 
     seen = []
-    hook = checkpoint._drop_closed_loop_callbacks(previous=seen.append)
+    hook = checkpoint._ClosedLoopHook(previous=seen.append)
     closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
     other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
     hook(closed)
     hook(other)
     assert seen == [other]
+
+
+def test_quiet_orbax_installs_its_filters_and_hook_once(monkeypatch):
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    for name in ("absl", "asyncio"):
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    checkpoint.quiet_orbax()
+    checkpoint.quiet_orbax()
+    for name in ("absl", "asyncio"):
+        assert [type(f) for f in logging.getLogger(name).filters] == [checkpoint._OrbaxNoise]
+    assert isinstance(sys.unraisablehook, checkpoint._ClosedLoopHook)
+    assert not isinstance(sys.unraisablehook.previous, checkpoint._ClosedLoopHook)

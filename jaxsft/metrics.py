@@ -16,6 +16,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from jaxsft.periodic import is_time
+
 
 def reduce_train(steps: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     """Per-step train metrics (host numbers) -> one window: example-weighted means."""
@@ -123,6 +125,45 @@ class ProgressBar:
         if self.enabled:
             self._stream.write("\n")
             self._stream.flush()
+
+
+class EpochProgress:
+    """The progress bar of the epoch in progress: opened at the epoch's first step (or the
+    resume step), closed after its last step or when the run stops."""
+
+    def __init__(self, steps_per_epoch: int, total_steps: int, *, enabled: bool | None = None,
+                 stream: IO[str] | None = None):
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self._enabled, self._stream = enabled, stream
+        self._bar: ProgressBar | None = None
+
+    def begin(self, step: int) -> None:
+        """Before `step` (1-based) runs: starts the epoch's bar (and its clock) if none is open."""
+        if self._bar is None:
+            epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
+            length = min(self.steps_per_epoch, self.total_steps - step + 1 + in_epoch)
+            self._bar = ProgressBar(length, f"epoch {epoch + 1}", enabled=self._enabled,
+                                    stream=self._stream)
+
+    def update(self, step: int, **scalars: float | None) -> None:
+        assert self._bar is not None, "begin(step) first"
+        self._bar.update((step - 1) % self.steps_per_epoch + 1, **scalars)
+
+    def end(self, step: int) -> None:
+        """After `step`: closes the bar if the step ended an epoch (or the run)."""
+        if is_time(step, self.steps_per_epoch, self.total_steps):
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> EpochProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def format_duration(seconds: float) -> str:

@@ -143,7 +143,7 @@ def test_decoding_is_bit_exact_with_pil(mixed_folder):
     """JPEG (libjpeg's accurate DCT, as PIL), PNG, grayscale and RGBA -> RGB, as .convert."""
     import tensorflow as tf
 
-    from jaxsft.datasets.transforms import decode
+    from jaxsft.data.transforms import decode
 
     files = [f for f in sorted(mixed_folder.glob("*/*/*")) if f.suffix in (".jpg", ".png")]
     assert {f.name.split("_", 1)[1] for f in files} == {"rgb.jpg", "gray.jpg", "gray.png",
@@ -160,7 +160,7 @@ def test_train_crop_windows_follow_torchvision():
     the same distribution as torchvision's get_params, and the same fallback box."""
     import tensorflow as tf
 
-    from jaxsft.datasets import transforms as T
+    import jaxsft.data.transforms as T
 
     def ours(height, width, n):
         keys = [T.fold_in(tf.constant([7, 0], tf.int64), i) for i in range(n)]
@@ -312,7 +312,7 @@ def test_digits_eval_over_two_processes_covers_the_test_split(digits_dir):
     equal scikit-learn's test labels."""
     from sklearn.datasets import load_digits
 
-    from jaxsft.datasets.digits import split_indices
+    from jaxsft.data.digits import split_indices
 
     cfg = DataConfig(dataset="digits", data_dir=digits_dir, image_size=32, batch_size=24)
     labels = []
@@ -382,7 +382,7 @@ def test_digits_is_sklearn_digits(digits_dir):
     sklearn's, scaled and upscaled; labels match."""
     from sklearn.datasets import load_digits
 
-    from jaxsft.datasets.digits import split_indices, to_rgb
+    from jaxsft.data.digits import split_indices, to_rgb
 
     digits = load_digits()
     cfg = DataConfig(dataset="digits", data_dir=digits_dir, image_size=32, crop_ratio=1.0,

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from jaxsft import host_memory
 from jaxsft.config import ConfigError
+from jaxsft.data import quiet_tensorflow
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -42,9 +43,11 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         *, prog: str) -> None:
     """Runs `main(argv)` and exits with `exit_code`; unexpected errors keep their traceback.
 
-    On the real command line (argv None) the process first re-executes itself with glibc's
-    malloc tuned for XLA's buffers (jaxsft/host_memory.py).
+    TensorFlow's start-up noise is silenced first (jaxsft.data.quiet_tensorflow). On the real
+    command line (argv None) the process then re-executes itself with glibc's malloc tuned
+    for XLA's buffers (jaxsft/host_memory.py).
     """
+    quiet_tensorflow()
     if argv is None:
         host_memory.reexec_with_tuned_malloc()
     try:

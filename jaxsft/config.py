@@ -57,7 +57,8 @@ class ModelConfig:
 class DataConfig:
     dataset: str = _field(
         "digits",
-        "TFDS name (tf_flowers, cifar10, ...), 'folder:/path/to/images', or the built-in 'digits'",
+        "TFDS name (tf_flowers, cifar10, ...), a directory of images (/path/to/images or "
+        "folder:/path/to/images), or the built-in 'digits'",
     )
     data_dir: str | None = _field(None, "TFDS data directory (default: TFDS's own)")
     train_split: str = _field("train", "training split, TFDS syntax such as train[:90%%]")

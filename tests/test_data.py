@@ -12,6 +12,7 @@ from torchvision import transforms as tvt
 
 import dataclasses
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,7 +144,7 @@ def test_decoding_is_bit_exact_with_pil(mixed_folder):
     """JPEG (libjpeg's accurate DCT, as PIL), PNG, grayscale and RGBA -> RGB, as .convert."""
     import tensorflow as tf
 
-    from jaxsft.datasets.transforms import decode
+    from jaxsft.data.transforms import decode
 
     files = [f for f in sorted(mixed_folder.glob("*/*/*")) if f.suffix in (".jpg", ".png")]
     assert {f.name.split("_", 1)[1] for f in files} == {"rgb.jpg", "gray.jpg", "gray.png",
@@ -160,7 +161,7 @@ def test_train_crop_windows_follow_torchvision():
     the same distribution as torchvision's get_params, and the same fallback box."""
     import tensorflow as tf
 
-    from jaxsft.datasets import transforms as T
+    import jaxsft.data.transforms as T
 
     def ours(height, width, n):
         keys = [T.fold_in(tf.constant([7, 0], tf.int64), i) for i in range(n)]
@@ -221,6 +222,19 @@ def test_folder_info_and_formats(mixed_folder):
     info = data.dataset_info(DataConfig(dataset=f"folder:{mixed_folder}"))
     assert info.class_names == ("cat", "dog") and info.num_classes == 2
     assert (info.train_examples, info.eval_examples, info.eval_split) == (9, 5, "val")
+
+
+def test_a_directory_is_a_folder_data_set(mixed_folder, tmp_path, monkeypatch):
+    """As ImageFolder(root) takes it: absolute, relative (with or without ./) and ~ paths."""
+    expected = data.dataset_info(DataConfig(dataset=f"folder:{mixed_folder}"))
+    monkeypatch.chdir(mixed_folder.parent)
+    monkeypatch.setenv("HOME", str(mixed_folder.parent))
+    for given in (str(mixed_folder), mixed_folder.name, f"./{mixed_folder.name}",
+                  f"~/{mixed_folder.name}"):
+        info = data.dataset_info(DataConfig(dataset=given))
+        assert dataclasses.replace(info, name=expected.name) == expected, given
+    with pytest.raises(data.DataError, match="no such directory; give the path of a directory"):
+        data.dataset_info(DataConfig(dataset=str(tmp_path / "missing")))
 
 
 def test_corrupt_images_are_skipped_counted_or_fatal(mixed_folder):
@@ -312,7 +326,7 @@ def test_digits_eval_over_two_processes_covers_the_test_split(digits_dir):
     equal scikit-learn's test labels."""
     from sklearn.datasets import load_digits
 
-    from jaxsft.datasets.digits import split_indices
+    from jaxsft.data.digits import split_indices
 
     cfg = DataConfig(dataset="digits", data_dir=digits_dir, image_size=32, batch_size=24)
     labels = []
@@ -382,7 +396,7 @@ def test_digits_is_sklearn_digits(digits_dir):
     sklearn's, scaled and upscaled; labels match."""
     from sklearn.datasets import load_digits
 
-    from jaxsft.datasets.digits import split_indices, to_rgb
+    from jaxsft.data.digits import split_indices, to_rgb
 
     digits = load_digits()
     cfg = DataConfig(dataset="digits", data_dir=digits_dir, image_size=32, crop_ratio=1.0,
@@ -462,6 +476,11 @@ def test_error_unknown_dataset_and_features(digits_dir):
     with pytest.raises(data.DataError, match="unknown data set 'tf_flowerz' .did you mean "
                                              "tf_flowers"):
         data.dataset_info(DataConfig(dataset="tf_flowerz"))
+    for name in ("no_such_set", "not a name!", "cifar10:9.9.9"):  # neither TFDS nor a directory
+        with pytest.raises(data.DataError) as e:
+            data.dataset_info(DataConfig(dataset=name))
+        assert "\n" not in str(e.value), str(e.value)
+        assert "/path/to/images or folder:/path/to/images" in str(e.value)
     with pytest.raises(data.DataError, match="--label-key 'digit' is no ClassLabel feature"):
         data.dataset_info(DataConfig(dataset="digits", data_dir=digits_dir, label_key="digit"))
 
@@ -512,7 +531,35 @@ def test_device_prefetch_shards_over_local_devices():
     np.testing.assert_array_equal(np.asarray(summed), [18.0] * 4)
 
 
-def test_importing_jaxsft_data_does_not_import_tensorflow():
-    code = ("import sys, jaxsft.data; "
-            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+def test_importing_jaxsft_data_changes_nothing():
+    """No TensorFlow (nor JAX) import and no os.environ edit: TF starts when data is read.
+    Measured after `import jaxsft`, whose own import is jaxsft/__init__.py's business."""
+    code = ("import os, sys, jaxsft; before = dict(os.environ)\n"
+            "import jaxsft.data, jaxsft.data.folder, jaxsft.data.types, jaxsft.data.runtime\n"
+            "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())\n"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
+            "assert 'jax' not in sys.modules, 'jax imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_quiet_tensorflow_sets_defaults_only():
+    environ = {"TF_CPP_MIN_LOG_LEVEL": "0"}
+    data.quiet_tensorflow(environ)
+    assert environ == {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
+def test_cli_stderr_has_no_tensorflow_noise(tmp_path):
+    """A short CLI run that starts TF and TFDS (an unknown name, whose hint lists the TFDS
+    builders): its stderr is our one error line, without TF's oneDNN banner or the failed
+    Google bearer-token lookup of a gs:// listing."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    run = subprocess.run(
+        [sys.executable, "-m", "jaxsft.train", "--dataset", "tf_flowerz", "--steps", "1",
+         "--workdir", str(tmp_path / "wd"), "--data-dir", str(tmp_path / "tfds")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "unknown data set 'tf_flowerz'" in run.stderr
+    assert "oneDNN custom operations" not in run.stderr, run.stderr
+    assert "bearer token" not in run.stderr, run.stderr

@@ -1,11 +1,14 @@
 """Data-set sources: a TFDS builder or a local folder, behind one small interface.
 
+The TensorFlow side of jaxsft.data: imports types, folder and digits below it, never the
+package's API (jaxsft.data), which imports this module when it first reads data.
+
 A source says what the data set is (`info`), how large each process's part of a split is
 (`shard_sizes`), and streams one part as records {"data" or "path", "label", "id", "index"}
 (`reader`): a function, usable inside a tf.data graph, from an order key to the records in
 an order that depends on that key alone (a folder's files are permuted by it; a TFDS split
 is read in its fixed, already shuffled file order whatever the key). The pipeline
-(jaxsft.datasets.pipeline) turns records into batches the same way for both sources. `id`
+(jaxsft.data.pipeline) turns records into batches the same way for both sources. `id`
 names an example in messages (a TFDS id or a file path); `index` is its position in the
 shard, a key of its augmentation.
 """
@@ -15,17 +18,17 @@ from __future__ import annotations
 import difflib
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import jaxsft.data.folder as folder_lib
 from jaxsft.config import DataConfig
-from jaxsft.data import DataError, DatasetInfo
-from jaxsft.datasets import folder as folder_lib
+from jaxsft.data.types import DataError, DatasetInfo
 
-FOLDER_PREFIX = "folder:"
 EVAL_SPLIT_ORDER = ("validation", "val", "test")
 
 
@@ -41,10 +44,21 @@ class Source(Protocol):
 
 
 def open_source(cfg: DataConfig) -> Source:
-    """The source `cfg.dataset` names; every user mistake is one DataError."""
-    if cfg.dataset.startswith(FOLDER_PREFIX):
-        return FolderSource(cfg)
-    return TfdsSource(cfg)
+    """The source `cfg.dataset` names; every user mistake is one DataError.
+
+    `folder:ROOT` and paths (`/abs`, `~/x`, `./rel`) are image folders; any other name is a
+    TFDS data set (or `digits`), or else a relative directory, as ImageFolder(root) takes it.
+    """
+    root = folder_lib.folder_root(cfg.dataset)
+    if root is not None:
+        return FolderSource(cfg, root)
+    try:
+        builder = _builder(cfg)
+    except DataError:
+        if Path(cfg.dataset).is_dir():
+            return FolderSource(cfg, cfg.dataset)
+        raise
+    return TfdsSource(cfg, builder)
 
 
 def resolve_eval_split(cfg: DataConfig, available: list[str], dataset: str) -> str | None:
@@ -66,8 +80,8 @@ def _nonempty(n: int, split: str, dataset: str) -> int:
 class TfdsSource:
     """Any TFDS image-classification data set (and the built-in `digits`)."""
 
-    def __init__(self, cfg: DataConfig):
-        self.builder = _builder(cfg)
+    def __init__(self, cfg: DataConfig, builder: tfds.core.DatasetBuilder):
+        self.builder = builder
         _prepare(self.builder)
         features = self.builder.info.features
         self.image_key = _feature_key(features, cfg.image_key, tfds.features.Image, "image")
@@ -119,22 +133,27 @@ class TfdsSource:
         return lambda order_key: records
 
 
+DATASET_FORMS = ("give a TFDS name (see tfds.list_builders()), a directory of images "
+                 "(/path/to/images or folder:/path/to/images) or the built-in 'digits'")
+
+
 def _builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
     if cfg.dataset == "digits":
-        from jaxsft.datasets.digits import Digits
+        from jaxsft.data.digits import Digits
 
         return Digits(data_dir=cfg.data_dir)
     try:
         return tfds.builder(cfg.dataset, data_dir=cfg.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        close = difflib.get_close_matches(cfg.dataset, tfds.list_builders(), n=3)
+        # Community data sets left out: listing them reads gs://, whose failed log-in logs
+        # "All attempts to get a Google authentication bearer token failed" offline.
+        names = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(cfg.dataset, names, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise DataError(
-            f"unknown data set {cfg.dataset!r}{hint}: give a TFDS name (see "
-            "tfds.list_builders()), 'folder:/path/to/images' or the built-in 'digits'"
-        ) from None
+        raise DataError(f"unknown data set {cfg.dataset!r}{hint}: {DATASET_FORMS}") from None
     except (ValueError, AssertionError) as e:  # a bad version or config in the name
-        raise DataError(f"data set {cfg.dataset!r}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"data set {cfg.dataset!r}: {first} {DATASET_FORMS}") from None
 
 
 def _prepare(builder: tfds.core.DatasetBuilder) -> None:
@@ -188,10 +207,10 @@ def _feature_key(features, given: str | None, kind: type, usual: str) -> str:
 
 
 class FolderSource:
-    """`folder:/path`: image files in class folders (see jaxsft.datasets.folder)."""
+    """`folder:/path` or a directory: image files in class folders (see jaxsft.data.folder)."""
 
-    def __init__(self, cfg: DataConfig):
-        self.index = folder_lib.scan(cfg.dataset[len(FOLDER_PREFIX):], cfg.val_fraction)
+    def __init__(self, cfg: DataConfig, root: str):
+        self.index = folder_lib.scan(root, cfg.val_fraction)
         eval_split = resolve_eval_split(cfg, list(self.index.splits), cfg.dataset)
         self.name = cfg.dataset
         self.info = DatasetInfo(

@@ -14,6 +14,9 @@ Each function reproduces one torchvision transform on a PIL image:
 - `normalize`: `ToTensor()` + `Normalize(IMAGENET_MEAN, IMAGENET_STD)`.
 Randomness is stateless: every draw is a function of a `[2]` int64 key, so an example's
 augmentation depends on its key alone, never on what ran before (exact resumption).
+
+The lowest module of the TensorFlow side of jaxsft.data: it imports TensorFlow and nothing
+of jaxsft.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ and bilinear upscaling gives the smooth strokes the crop-and-resize augmentation
 (a nearest-neighbour 8x8 block image aliases under them). The split is fixed: a stratified
 20% of each class (seeded permutation, seed 0) is `test` (359 images), the rest `train`
 (1,438), so every run and every machine sees the same images in each split.
+
+Part of the TensorFlow side of jaxsft.data (it imports TFDS); jaxsft.data.sources builds it.
 """
 
 from __future__ import annotations

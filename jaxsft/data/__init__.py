@@ -1,21 +1,37 @@
 """Data sets -> numpy batches laid out for the local devices, and onto the devices.
 
+This module is the package's API; the package is layered one way, each layer importing only
+the ones below it:
+- `types`: DataError, DatasetInfo, SkippedImages, Batches (no TensorFlow, no JAX);
+- `runtime`: how TensorFlow runs in this process: `quiet_tensorflow` (environment settings
+  a CLI makes before TensorFlow starts) and `tensorflow` (imports it, hidden from the GPUs);
+- `folder`: the scan of an image folder (no TensorFlow);
+- the TensorFlow side: `transforms` (torchvision's preprocessing as TF ops), `digits` (the
+  built-in data set), `sources` (TFDS builder or folder behind one interface), `pipeline`
+  (tf.data: decode, augment, batch);
+- this module: dataset_info, steps_per_epoch, train_batches, eval_batches, load_image,
+  device_prefetch.
+Importing it imports neither TensorFlow nor anything that changes the process's state:
+TensorFlow is imported, and hidden from every GPU (the accelerators belong to JAX), only
+when data is first read.
+
 Sources (`DataConfig.dataset`):
 - any TFDS image-classification data set by name (`tf_flowers`, `cifar10`, `imagenet2012`),
   prepared in `--data-dir` (downloaded and prepared on first use where TFDS can), with TFDS
   split syntax (`train[:90%]`) and the Image / ClassLabel features found from the builder
   (or `--image-key` / `--label-key`);
-- `folder:/path`: `root/<split>/<class>/*` or `root/<class>/*` with a seeded `val` split
-  carved out (jaxsft/datasets/folder.py); class names are the folder names;
+- `folder:/path`, or an existing directory given as is (`/path`, `./images`, `~/images`):
+  `root/<split>/<class>/*` or `root/<class>/*` with a seeded `val` split carved out
+  (jaxsft/data/folder.py); class names are the folder names;
 - `digits`: scikit-learn's bundled 8x8 digits as a TFDS data set, 32x32 RGB, offline
-  (jaxsft/datasets/digits.py).
+  (jaxsft/data/digits.py).
 
 Batches are dicts of numpy arrays: "image" float32 [D, B/D, H, W, 3] (ImageNet-normalised),
 "label" int32 [D, B/D] and "mask" float32 [D, B/D] (1 = a real, readable example), where D is
 the number of local devices and B the per-process batch (`batch_size / process_count`; each
 process reads only its own part of every split).
 
-Preprocessing is torchvision's (jaxsft/datasets/transforms.py): train `imagenet` =
+Preprocessing is torchvision's (jaxsft/data/transforms.py): train `imagenet` =
 RandomResizedCrop(size, (0.08, 1), (3/4, 4/3)) + horizontal flip, `light` = the eval view +
 RandomCrop(size, padding=size//8) + flip, `none` = the eval view; eval = Resize(size /
 crop_ratio) + CenterCrop(size); bilinear with antialiasing; grayscale and RGBA -> RGB.
@@ -35,78 +51,37 @@ iterator's `skipped` (a `SkippedImages`: `count` occurrences, `ids` the distinct
 With `--strict-images` the first one raises a DataError naming it. In training, the masked
 example still occupies its slot (so the batch stream never shifts); it is excluded from the
 loss and metrics by the mask but does enter the BatchNorm batch statistics as a zero input.
-
-TensorFlow is imported only inside these functions (through jaxsft.datasets) and never
-sees a GPU.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
-import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import jax
 import numpy as np
 
 from jaxsft.config import DataConfig
+from jaxsft.data.runtime import quiet_tensorflow
+from jaxsft.data.types import Batches, DataError, DatasetInfo, SkippedImages
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import jax
 
-MAX_SKIPPED_IDS = 1000
-
-
-class DataError(ValueError):
-    """A data set, split, file or batch setting is unusable; the message names the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What the trainer needs to know of a data set before reading it."""
-
-    name: str
-    num_classes: int
-    class_names: tuple[str, ...]
-    train_examples: int
-    eval_examples: int | None
-    eval_split: str | None  # resolved: the split eval_batches reads, None if there is none
-    image_key: str
-    label_key: str
-
-
-@dataclasses.dataclass
-class SkippedImages:
-    """Unreadable images met so far: `count` occurrences, `ids` their distinct names."""
-
-    count: int = 0
-    ids: list[str] = dataclasses.field(default_factory=list)
-
-    def add(self, ids: Iterable[str]) -> None:
-        for name in ids:
-            self.count += 1
-            if name not in self.ids and len(self.ids) < MAX_SKIPPED_IDS:
-                self.ids.append(name)
-                log.warning("skipped unreadable image %s (%d skipped so far; "
-                            "--strict-images stops instead)", name, self.count)
-
-
-class Batches(Iterator[dict[str, np.ndarray]]):
-    """An iterator of batches that also reports the unreadable images it skipped."""
-
-    def __init__(self, make: Callable[[SkippedImages], Iterator[dict[str, np.ndarray]]]):
-        self.skipped = SkippedImages()
-        self._batches = make(self.skipped)
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._batches)
-
+__all__ = [
+    "Batches", "DataError", "DatasetInfo", "SkippedImages", "dataset_info", "device_prefetch",
+    "eval_batches", "load_image", "quiet_tensorflow", "steps_per_epoch", "train_batches",
+]
 
 def _source(cfg: DataConfig):
-    from jaxsft.datasets.sources import open_source
+    """The data set's source (TensorFlow side), TensorFlow first imported off the GPUs."""
+    from jaxsft.data.runtime import tensorflow
+
+    tensorflow()
+    from jaxsft.data.sources import open_source
 
     return open_source(cfg)
 
@@ -146,6 +121,8 @@ def train_batches(
     cfg: DataConfig, *, seed: int, start_step: int = 0, num_devices: int | None = None
 ) -> Batches:
     """Infinite training batches, epoch after epoch, exactly reproducible from `start_step`."""
+    import jax
+
     return _train_batches(
         cfg, seed=seed, start_step=start_step,
         num_devices=num_devices or jax.local_device_count(),
@@ -158,21 +135,21 @@ def _train_batches(
     process_count: int,
 ) -> Batches:
     """train_batches with the process given explicitly (tests simulate several)."""
-    from jaxsft.datasets import pipeline
-
     if start_step < 0:
         raise DataError(f"start_step must be >= 0, got {start_step}")
     local = _local_batch(cfg.batch_size, "--batch-size", num_devices, process_count)
     source = _source(cfg)
+    from jaxsft.data.pipeline import Shard, train_stream
+
     spe = steps_per_epoch(source.info, cfg)
-    shard = pipeline.Shard(cfg.train_split, process_index, process_count, local)
+    shard = Shard(cfg.train_split, process_index, process_count, local)
     if min(source.shard_sizes(cfg.train_split, process_count)) < spe * local:
         raise DataError(f"a process's part of {cfg.train_split} holds fewer than {spe} "
                         f"batches of {local}: the split's metadata is inconsistent; prepare "
                         f"{cfg.dataset} again")
 
     def stream(skipped: SkippedImages) -> Iterator[dict[str, np.ndarray]]:
-        ds = pipeline.train_stream(source, cfg, shard, seed=seed, start_step=start_step,
+        ds = train_stream(source, cfg, shard, seed=seed, start_step=start_step,
                                    steps_per_epoch=spe)
         for raw in ds.as_numpy_iterator():
             yield _assemble(raw, cfg, source.info, num_devices, skipped)
@@ -182,6 +159,8 @@ def _train_batches(
 
 def eval_batches(cfg: DataConfig, num_devices: int | None = None) -> Batches:
     """One pass over the eval split: every example once, over all devices and processes."""
+    import jax
+
     return _eval_batches(
         cfg, num_devices=num_devices or jax.local_device_count(),
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -193,21 +172,21 @@ def _eval_batches(
 ) -> Batches:
     """eval_batches with the process given explicitly. Every process yields the same number
     of batches (collectives need it): the last real one is padded, then empty ones follow."""
-    from jaxsft.datasets import pipeline
-
     batch = cfg.eval_batch_size or cfg.batch_size
     flag = "--eval-batch-size" if cfg.eval_batch_size else "--batch-size"
     local = _local_batch(batch, flag, num_devices, process_count)
     source = _source(cfg)
+    from jaxsft.data.pipeline import Shard, eval_pass
+
     split = source.info.eval_split
     if split is None:
         raise DataError(f"{cfg.dataset} has no validation or test split: give --eval-split")
-    shard = pipeline.Shard(split, process_index, process_count, local)
+    shard = Shard(split, process_index, process_count, local)
     num_batches = math.ceil(max(source.shard_sizes(split, process_count)) / local)
 
     def stream(skipped: SkippedImages) -> Iterator[dict[str, np.ndarray]]:
         seen = 0
-        for raw in pipeline.eval_pass(source, cfg, shard).as_numpy_iterator():
+        for raw in eval_pass(source, cfg, shard).as_numpy_iterator():
             seen += 1
             if seen > num_batches:  # every process must run the same number of eval steps
                 raise DataError(f"the {split} split of {cfg.dataset} holds more examples than "
@@ -260,11 +239,12 @@ def _assemble(
 
 def load_image(path: str, cfg: DataConfig) -> np.ndarray:
     """One image file with the eval preprocessing: float32 [H, W, 3], for prediction."""
-    from pathlib import Path
-
     if not Path(path).is_file():
         raise DataError(f"no such image file: {path}")
-    from jaxsft.datasets.pipeline import preprocess_file
+    from jaxsft.data.runtime import tensorflow
+
+    tensorflow()
+    from jaxsft.data.pipeline import preprocess_file
 
     return preprocess_file(path, cfg)
 
@@ -278,6 +258,8 @@ def device_prefetch(
     batch k+1 (and reads batch k+2): the device waits on the host only if the host is slower.
     Each array is sharded along its leading axis, one slice per device, as pmap expects.
     """
+    import jax
+
     if size < 1:
         raise DataError(f"device_prefetch needs size >= 1, got {size}")
     devices = list(devices or jax.local_devices())

@@ -1,5 +1,8 @@
 """tf.data pipelines: records of one process's shard -> decoded, augmented, batched examples.
 
+The top of the TensorFlow side of jaxsft.data: it imports sources, transforms and types,
+and only jaxsft.data's API imports it (after `runtime.tensorflow()` hid the GPUs).
+
 Every element carries "ok" (False for an image that could not be read or decoded: it is
 replaced by a black image, and the caller masks it out and counts it) and "id" (to name it).
 Decoding runs inside a guard: each record is decoded in a one-element dataset whose errors
@@ -23,10 +26,10 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
+import jaxsft.data.transforms as T
 from jaxsft.config import DataConfig
-from jaxsft.data import DataError
-from jaxsft.datasets import transforms as T
-from jaxsft.datasets.sources import Source
+from jaxsft.data.sources import Source
+from jaxsft.data.types import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 

@@ -1,5 +1,6 @@
-"""Local image folders: find the splits, classes and files of `folder:/path`.
+"""Local image folders: find the splits, classes and files of `folder:/path` (or `/path`).
 
+No TensorFlow: a plain scan of the file system, below the TensorFlow side in jaxsft.data.
 Two layouts, as torchvision's ImageFolder users keep them:
 - `root/<split>/<class>/**/*.jpg` with splits among train, val, validation, test;
 - `root/<class>/**/*.jpg`, from which a validation split `val` is carved out.
@@ -9,7 +10,7 @@ or more) by a permutation seeded with a fixed seed, not the run's: every run, wh
 --seed, evaluates on the same images. Classes are the sorted names of the class folders of
 all splits together, so a class missing from one split keeps its index. Files are listed
 sorted, so the index is the same on every machine; unreadable files are found later, when
-decoded (see jaxsft.data).
+decoded (see jaxsft.data.pipeline).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsft.data import DataError
+from jaxsft.data.types import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLIT_DIRS = ("train", "val", "validation", "test")
@@ -30,6 +31,20 @@ CARVE_SEED = 0
 log = logging.getLogger(__name__)
 
 Example = tuple[str, int]  # (path, label)
+
+PREFIX = "folder:"
+PATH_STARTS = ("/", "~", "./", "../")
+
+
+def folder_root(dataset: str) -> str | None:
+    """The folder that `dataset` names for sure: `folder:ROOT`, or a path written as one
+    (`/abs`, `~/x`, `./rel`, `../rel`, `.`); None for a name, which may still be a relative
+    directory when TFDS does not know it (jaxsft.data.sources decides)."""
+    if dataset.startswith(PREFIX):
+        return dataset[len(PREFIX):]
+    if dataset.startswith(PATH_STARTS) or dataset in (".", "..", "~"):
+        return dataset
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +60,8 @@ def scan(root: str, val_fraction: float) -> FolderIndex:
     """Lists `root` in either layout; DataError when it holds no images."""
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise DataError(f"folder data set {root!r}: no such directory; give folder:/path/to/images")
+        raise DataError(f"folder data set {root!r}: no such directory; give the path of a "
+                        "directory of images, as /path/to/images or folder:/path/to/images")
     split_dirs = [d for d in _subdirs(path) if d.name in SPLIT_DIRS and _subdirs(d)]
     by_split = {d.name: _class_files(d) for d in split_dirs} or {"train": _class_files(path)}
     classes = tuple(sorted({c for files in by_split.values() for c, f in files.items() if f}))

@@ -6,9 +6,9 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from jaxsft import host_memory
+from jaxsft import cpu
 from jaxsft.config import ConfigError
-from jaxsft.data import quiet_tensorflow
+from jaxsft.process import setup
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -43,13 +43,13 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         *, prog: str) -> None:
     """Runs `main(argv)` and exits with `exit_code`; unexpected errors keep their traceback.
 
-    TensorFlow's start-up noise is silenced first (jaxsft.data.quiet_tensorflow). On the real
-    command line (argv None) the process then re-executes itself with glibc's malloc tuned
-    for XLA's buffers (jaxsft/host_memory.py).
+    On the real command line (argv None) the process first re-executes itself with glibc's
+    malloc tuned for XLA's buffers (jaxsft.cpu.reexec_with_tuned_malloc). Then it makes the
+    process-wide settings of `jaxsft.setup()` before `main` starts JAX.
     """
-    quiet_tensorflow()
     if argv is None:
-        host_memory.reexec_with_tuned_malloc()
+        cpu.reexec_with_tuned_malloc()
+    setup()
     try:
         main(argv)
     except (Exception, KeyboardInterrupt) as e:
@@ -60,3 +60,12 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         print(f"{prog}: {label}: {e or type(e).__name__}", file=sys.stderr)
         sys.exit(code)
     sys.exit(0)
+
+
+def use_dtype(dtype: str) -> None:
+    """A float64 run computes in JAX's x64 mode: a process-wide switch, so the CLI (not the
+    library) turns it on, before JAX computes anything."""
+    if dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)

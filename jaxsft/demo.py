@@ -108,9 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from jaxsft.compilation_cache import enable_compilation_cache
-
-    enable_compilation_cache()  # repeated runs load their compiled steps from disk
     args = build_parser().parse_args(argv)
     run(Path(args.workdir), pretrain_epochs=args.pretrain_epochs,
         finetune_epochs=args.finetune_epochs, labels_per_class=args.labels_per_class)

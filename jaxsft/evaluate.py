@@ -44,18 +44,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     step = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
     if step not in ("best", "latest") and not isinstance(step, int):
         raise ConfigError(f"--checkpoint {args.checkpoint!r}: use best, latest or a step number")
-    from jaxsft.compilation_cache import enable_compilation_cache
-
-    enable_compilation_cache()  # repeated runs load their compiled steps from disk
+    cli.use_dtype(cfg.model.dtype)
     from jaxsft.trainer import evaluate
 
     result = evaluate(cfg, step)
     if args.json:
         print(json.dumps(result))
     else:
+        top5 = (f"  top-5 {100 * result['top5']:.2f}%" if result["num_classes"] > 5 else "")
         print(f"step {result['step']} on {cfg.data.dataset}:{result['split']}: "
-              f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
-              f"loss {result['loss']:.4f}  ({result['count']} examples)")
+              f"top-1 {100 * result['top1']:.2f}%{top5}  loss {result['loss']:.4f}  "
+              f"({result['count']} examples)")
 
 
 if __name__ == "__main__":

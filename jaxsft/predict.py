@@ -53,9 +53,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.top_k <= 0:
         raise ConfigError(f"--top-k must be positive, got {args.top_k}")
-    from jaxsft.compilation_cache import enable_compilation_cache
-
-    enable_compilation_cache()  # repeated runs load their compiled steps from disk
     step = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
     for path, top in zip(args.images, predict(args.workdir, args.images, step, args.top_k)):
         print(path)

@@ -68,7 +68,7 @@ def train_step(
     if images.shape[0] % accum_steps:
         raise ValueError(
             f"batch of {images.shape[0]} examples (per device) is not divisible by "
-            f"accum_steps={accum_steps}: change --batch-size or --accum-steps"
+            f"accum_steps={accum_steps}: pass a batch that splits into accum_steps micro-batches"
         )
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:

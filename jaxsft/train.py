@@ -41,9 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     distributed.initialize(launch["coordinator_address"], launch["num_processes"],
                            launch["process_id"], timeout_s=launch["distributed_timeout"])
-    from jaxsft.compilation_cache import enable_compilation_cache
-
-    enable_compilation_cache()  # repeated runs load their compiled steps from disk
+    cli.use_dtype(cfg.model.dtype)
     from jaxsft.trainer import fit
 
     fit(cfg)

@@ -13,16 +13,18 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxsft import checkpoint, data, metrics, optim, steps
 from jaxsft import workdir as workdir_lib
 from jaxsft.config import Config, ConfigError
 from jaxsft.models import ARCHITECTURES, create_model
+from jaxsft.periodic import is_time
 from jaxsft.preemption import StopRequest
 from jaxsft.state import TrainState
 from jaxsft.weights import load_weights
@@ -48,7 +50,8 @@ class Preempted(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What a config means once the data set is known: sizes, lengths and cadences."""
+    """What a config means once the data set and devices are known: sizes, lengths, cadences
+    and the optimizer, computed once."""
 
     info: data.DatasetInfo
     num_classes: int
@@ -56,37 +59,45 @@ class Plan:
     total_steps: int
     eval_every: int
     checkpoint_every: int
+    log_every: int
     bn_mode: str
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
 
 
 def make_plan(cfg: Config) -> Plan:
     """Resolves data-dependent settings; refuses impossible ones before anything compiles."""
-    if cfg.model.model not in ARCHITECTURES:
-        raise ConfigError(f"unknown --model {cfg.model.model!r}; known models: "
-                          f"{', '.join(sorted(ARCHITECTURES))}")
-    if cfg.model.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)  # float64 compute needs JAX's x64 mode
-    devices = jax.device_count()
-    for name, size in (("--batch-size", cfg.data.batch_size),
-                       ("--eval-batch-size", cfg.data.eval_batch_size)):
-        if size is not None and size % devices:
-            raise ConfigError(f"{name} {size} is not divisible by the {devices} devices; "
-                              f"use a multiple of {devices}")
-    if (cfg.data.batch_size // devices) % cfg.run.accum_steps:
-        raise ConfigError(f"the per-device batch {cfg.data.batch_size // devices} is not "
-                          f"divisible by --accum-steps {cfg.run.accum_steps}")
+    _check_compute(cfg)
     info = data.dataset_info(cfg.data)
     spe = data.steps_per_epoch(info, cfg.data)
-    if spe < 1:
-        raise ConfigError(f"--batch-size {cfg.data.batch_size} exceeds the "
-                          f"{info.train_examples} training examples; use a smaller batch")
     total = cfg.run.steps or math.ceil((cfg.run.epochs or 1.0) * spe)
+    tx, schedule = optim.create_optimizer(cfg.optim, total_steps=total, steps_per_epoch=spe,
+                                          batch_size=cfg.data.batch_size)
     # A linear probe trains only the head: the backbone's BatchNorm statistics stay as loaded.
     bn_mode = "frozen" if cfg.optim.recipe == "linear-probe" else cfg.run.bn
     return Plan(info=info, num_classes=cfg.model.num_classes or info.num_classes,
-                steps_per_epoch=spe, total_steps=total,
-                eval_every=cfg.run.eval_every or spe,
-                checkpoint_every=cfg.run.checkpoint_every or spe, bn_mode=bn_mode)
+                steps_per_epoch=spe, total_steps=total, eval_every=cfg.run.eval_every or spe,
+                checkpoint_every=cfg.run.checkpoint_every or spe, log_every=cfg.run.log_every,
+                bn_mode=bn_mode, tx=tx, schedule=schedule)
+
+
+def _check_compute(cfg: Config) -> None:
+    """The model, dtype and batch layout this process can run: facts of the devices and
+    JAX's mode, so checked here rather than in the config."""
+    if cfg.model.model not in ARCHITECTURES:
+        raise ConfigError(f"unknown --model {cfg.model.model!r}; known models: "
+                          f"{', '.join(sorted(ARCHITECTURES))}")
+    if cfg.model.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ConfigError("--dtype float64 needs JAX's x64 mode: call jax.config.update("
+                          "'jax_enable_x64', True) before planning the run (the CLIs do)")
+    devices, processes = jax.local_device_count(), jax.process_count()
+    per_process = data.local_batch(cfg.data.batch_size, "--batch-size", devices, processes)
+    if cfg.data.eval_batch_size:
+        data.local_batch(cfg.data.eval_batch_size, "--eval-batch-size", devices, processes)
+    if (per_process // devices) % cfg.run.accum_steps:
+        raise ConfigError(f"the per-device batch {per_process // devices} is not divisible by "
+                          f"--accum-steps {cfg.run.accum_steps}: use a --batch-size that is "
+                          f"a multiple of {devices * processes * cfg.run.accum_steps}")
 
 
 def initial_state(cfg: Config, plan: Plan, pretrained: bool = True) -> TrainState:
@@ -103,11 +114,8 @@ def initial_state(cfg: Config, plan: Plan, pretrained: bool = True) -> TrainStat
         size = cfg.data.image_size
         variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)), train=False)
                             )(init_rng)
-    tx, _ = optim.create_optimizer(cfg.optim, total_steps=plan.total_steps,
-                                   steps_per_epoch=plan.steps_per_epoch,
-                                   batch_size=cfg.data.batch_size)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables["batch_stats"], tx=tx,
+                             batch_stats=variables["batch_stats"], tx=plan.tx,
                              rng=jax.random.key_data(state_rng))  # raw keys checkpoint as-is
 
 
@@ -165,19 +173,16 @@ def fit(cfg: Config) -> TrainState:
     if is_main:
         summary = _summarize(workdir, wall_s=time.perf_counter() - started, skipped=skipped)
         metrics.plot_curves(workdir / METRICS_FILE, workdir / PLOT_FILE)
-        say(_summary_line(summary) + f"\nplot: {workdir / PLOT_FILE}")
+        say(_summary_line(summary, plan.num_classes) + f"\nplot: {workdir / PLOT_FILE}")
     return state
 
 
 def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
                 say) -> tuple[TrainState, int]:
     """Steps from state.step to plan.total_steps; returns (state, unreadable images skipped)."""
-    schedule = optim.create_schedule(cfg.optim, total_steps=plan.total_steps,
-                                     steps_per_epoch=plan.steps_per_epoch,
-                                     batch_size=cfg.data.batch_size)
     train_step = steps.pmap_train_step(label_smoothing=cfg.run.label_smoothing,
                                        bn_mode=plan.bn_mode, accum_steps=cfg.run.accum_steps,
-                                       learning_rate_fn=schedule)
+                                       learning_rate_fn=plan.schedule)
     eval_step = steps.pmap_eval_step()
     start = int(state.step)
     if start >= plan.total_steps:
@@ -190,50 +195,66 @@ def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
             "num_classes": plan.num_classes}
     clock = _Throughput()
     window: list[Any] = []
-    bar = None
-    with StopRequest() as stop:
+    enabled = None if jax.process_index() == 0 else False
+    with StopRequest() as stop, metrics.EpochProgress(plan.steps_per_epoch, plan.total_steps,
+                                                      enabled=enabled) as progress:
         for step in range(start + 1, plan.total_steps + 1):
-            epoch, in_epoch = divmod(step - 1, plan.steps_per_epoch)
-            if bar is None:
-                bar = metrics.ProgressBar(min(plan.steps_per_epoch, plan.total_steps - step + 1
-                                              + in_epoch), f"epoch {epoch + 1}",
-                                          enabled=None if jax.process_index() == 0 else False)
+            progress.begin(step)
             rstate, step_metrics = train_step(rstate, next(batches))
             window.append(step_metrics)
-            end_of_epoch = step % plan.steps_per_epoch == 0 or step == plan.total_steps
-            do_eval = plan.info.eval_split is not None and (
-                step % plan.eval_every == 0 or step == plan.total_steps)
-            # Read once: a signal landing later in this iteration is handled (saved) at the next.
-            stopping = stop.requested
-            do_save = do_eval or step % plan.checkpoint_every == 0 or step == plan.total_steps \
-                or stopping
-            if step % cfg.run.log_every == 0 or end_of_epoch or do_save:
+            stopping = stop.requested  # read once: a later signal is handled at the next step
+            due = _due(plan, step, stopping)
+            if due.log:
                 row = _flush(window, step, writer, clock, cfg.data.batch_size)
-                bar.update(in_epoch + 1, loss=row["loss"], top1=row["top1"],
-                           images_per_s=row["images_per_s"])
+                progress.update(step, loss=row["loss"], top1=row["top1"],
+                                images_per_s=row["images_per_s"])
                 window = []
-            eval_row = None
-            if do_eval:
-                eval_row = run_eval(eval_step, rstate, cfg)
-                writer.write(step, eval_row, "eval")
-            if end_of_epoch:
-                bar.close()
-                bar = None
+            eval_row = run_eval(eval_step, rstate, cfg) if due.eval else None
             if eval_row is not None:
-                say(f"step {step} (epoch {epoch + 1}): eval top-1 {100 * eval_row['top1']:.2f}% "
-                    f"top-5 {100 * eval_row['top5']:.2f}% loss {eval_row['loss']:.4f} "
-                    f"over {eval_row['count']} examples")
-            if do_save:
+                writer.write(step, eval_row, "eval")
+            progress.end(step)
+            if eval_row is not None:
+                epoch = (step - 1) // plan.steps_per_epoch + 1
+                say(f"step {step} (epoch {epoch}): eval {_accuracy(eval_row, plan.num_classes)}"
+                    f" loss {eval_row['loss']:.4f} over {eval_row['count']} examples")
+            if due.save:
                 checkpoint.save(manager, steps.unreplicate(rstate),
-                                {**meta, "epoch": epoch, "data_position": step},
+                                {**meta, "epoch": (step - 1) // plan.steps_per_epoch,
+                                 "data_position": step},
                                 metrics=None if eval_row is None else
                                 {k: float(v) for k, v in eval_row.items()})
             if stopping:
-                if bar is not None:
-                    bar.close()
+                progress.close()
                 checkpoint.wait(manager)
                 raise Preempted(stop.signal_name, step)
     return steps.unreplicate(rstate), train_batches.skipped.count
+
+
+class Due(NamedTuple):
+    """The periodic actions due after a step."""
+
+    log: bool
+    eval: bool
+    save: bool
+
+
+def _due(plan: Plan, step: int, stopping: bool) -> Due:
+    """Evaluate on its cadence (if there is an eval split), save on its own and after every
+    evaluation or stop request, log on its cadence, at each epoch's end and before a save."""
+    total = plan.total_steps
+    evaluate = plan.info.eval_split is not None and is_time(step, plan.eval_every, total)
+    save = evaluate or stopping or is_time(step, plan.checkpoint_every, total)
+    log = save or is_time(step, plan.log_every, total) or is_time(step, plan.steps_per_epoch,
+                                                                    total)
+    return Due(log=log, eval=evaluate, save=save)
+
+
+def _accuracy(row: dict[str, Any], num_classes: int, prefix: str = "") -> str:
+    """'top-1 X%' and, where it says something (more than 5 classes), 'top-5 Y%'."""
+    text = f"top-1 {100 * row[prefix + 'top1']:.2f}%"
+    if num_classes > 5:
+        text += f" top-5 {100 * row[prefix + 'top5']:.2f}%"
+    return text
 
 
 def run_eval(eval_step, rstate, cfg: Config) -> dict[str, float]:
@@ -254,7 +275,8 @@ def evaluate(cfg: Config, checkpoint_step: int | str = "best") -> dict[str, floa
         state, meta = checkpoint.restore(manager, initial_state(cfg, plan, pretrained=False),
                                          checkpoint_step)
     result = run_eval(steps.pmap_eval_step(), steps.replicate(state), cfg)
-    return {**result, "step": int(state.step), "split": plan.info.eval_split}
+    return {**result, "step": int(state.step), "split": plan.info.eval_split,
+            "num_classes": plan.num_classes}
 
 
 def _flush(window, step: int, writer, clock: _Throughput, batch_size: int) -> dict[str, float]:
@@ -310,11 +332,11 @@ def _summarize(workdir: Path, wall_s: float, skipped: int) -> dict[str, Any]:
     return summary
 
 
-def _summary_line(s: dict[str, Any]) -> str:
+def _summary_line(s: dict[str, Any], num_classes: int) -> str:
     parts = [f"done: {s['steps']} steps in {metrics.format_duration(s['wall_s'])}"]
     if "best_top1" in s:
-        parts.append(f"best top-1 {100 * s['best_top1']:.2f}% (step {s['best_step']}), "
-                     f"top-5 {100 * s['best_top5']:.2f}%; last top-1 {100 * s['last_top1']:.2f}%")
+        parts.append(f"best {_accuracy(s, num_classes, 'best_')} (step {s['best_step']}); "
+                     f"last top-1 {100 * s['last_top1']:.2f}%")
     if "images_per_s" in s:
         parts.append(f"{s['images_per_s']:,.1f} images/s")
     if s["skipped_images"]:

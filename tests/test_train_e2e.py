@@ -182,6 +182,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pa
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
+def test_a_finished_run_continues_for_longer_bit_exactly(folder, tmp_path):
+    fit(small_config(folder, tmp_path / "run", steps=3))
+    continued = fit(small_config(folder, tmp_path / "run", steps=6))
+    fit(small_config(folder, tmp_path / "whole", steps=6))
+    assert int(continued.step) == 6
+    for x, y in zip(jax.tree.leaves(final_variables(tmp_path / "run")),
+                    jax.tree.leaves(final_variables(tmp_path / "whole"))):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_workdir_of_another_config_is_refused(folder, tmp_path):
     fit(small_config(folder, tmp_path / "run", steps=1))
     with pytest.raises(ConfigError, match="belongs to a different config"):
@@ -192,6 +202,7 @@ def test_workdir_of_another_config_is_refused(folder, tmp_path):
     (["--weights", "/nonexistent/weights.pth"], "/nonexistent/weights.pth"),
     (["--model", "resnet19"], "unknown --model 'resnet19'; known models: resnet101"),
     (["--dataset", "no_such_dataset_xyz"], "no_such_dataset_xyz"),
+    (["--accum-steps", "3"], "per-device batch 2 is not divisible by --accum-steps 3"),
 ])
 def test_user_mistakes_fail_fast_with_exit_status_2(folder, tmp_path, bad_flags, message):
     cfg = small_config(folder, tmp_path / "run", steps=1)

@@ -73,8 +73,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Batches", "DataError", "DatasetInfo", "SkippedImages", "dataset_info", "device_prefetch",
-    "eval_batches", "load_image", "quiet_tensorflow", "steps_per_epoch", "train_batches",
+    "eval_batches", "load_image", "local_batch", "quiet_tensorflow", "steps_per_epoch",
+    "train_batches",
 ]
+
 
 def _source(cfg: DataConfig):
     """The data set's source (TensorFlow side), TensorFlow first imported off the GPUs."""
@@ -102,8 +104,9 @@ def steps_per_epoch(info: DatasetInfo, cfg: DataConfig) -> int:
     return steps
 
 
-def _local_batch(batch: int, flag: str, num_devices: int, process_count: int) -> int:
-    """The per-process batch, checked to split evenly over processes and local devices."""
+def local_batch(batch: int, flag: str, num_devices: int, process_count: int) -> int:
+    """The per-process batch, checked to split evenly over processes and local devices (the
+    one check of that fact: the trainer's plan asks it before anything compiles)."""
     if batch % process_count:
         raise DataError(f"{flag} {batch} is not divisible by the {process_count} processes: "
                         f"use a multiple of {process_count * num_devices}")
@@ -137,7 +140,7 @@ def _train_batches(
     """train_batches with the process given explicitly (tests simulate several)."""
     if start_step < 0:
         raise DataError(f"start_step must be >= 0, got {start_step}")
-    local = _local_batch(cfg.batch_size, "--batch-size", num_devices, process_count)
+    local = local_batch(cfg.batch_size, "--batch-size", num_devices, process_count)
     source = _source(cfg)
     from jaxsft.data.pipeline import Shard, train_stream
 
@@ -174,7 +177,7 @@ def _eval_batches(
     of batches (collectives need it): the last real one is padded, then empty ones follow."""
     batch = cfg.eval_batch_size or cfg.batch_size
     flag = "--eval-batch-size" if cfg.eval_batch_size else "--batch-size"
-    local = _local_batch(batch, flag, num_devices, process_count)
+    local = local_batch(batch, flag, num_devices, process_count)
     source = _source(cfg)
     from jaxsft.data.pipeline import Shard, eval_pass
 

@@ -18,11 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsft.state import TrainState
+from jaxsft import mixing
+from jaxsft.state import TrainState, update_ema
 
 AXIS = "batch"  # the pmap axis name of the wrappers below
 BN_MODES = ("train", "frozen")
-TRAIN_OPTIONS = ("label_smoothing", "bn_mode", "accum_steps", "learning_rate_fn")
+TRAIN_OPTIONS = ("label_smoothing", "bn_mode", "accum_steps", "learning_rate_fn", "ema_decay",
+                 "mixup_alpha", "cutmix_alpha", "mix_switch_prob")
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -48,6 +50,10 @@ def train_step(
     bn_mode: str = "train",
     accum_steps: int = 1,
     learning_rate_fn: optax.Schedule | None = None,
+    ema_decay: float | None = None,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    mix_switch_prob: float = 0.5,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on `batch` = {"image": NHWC, "label": int, optional "mask": 0/1}.
 
@@ -59,11 +65,19 @@ def train_step(
     statistics in "train" mode). A non-finite loss or gradient leaves the state unchanged and
     sets metrics["finite"] False, so the loop can stop cleanly.
 
+    Recipes (off by default): `ema_decay` D updates a state made with `TrainState.create(...,
+    ema=True)` after each finite step, ema = D * ema + (1 - D) * new (see `ema_state`).
+    `mixup_alpha` / `cutmix_alpha` > 0 train on Mixup / CutMix batches (one of them per
+    batch, CutMix with probability `mix_switch_prob`, when both are on) with soft-label
+    cross-entropy (label smoothing composes); see `jaxsft.mixing`. The top-1/top-5 metrics
+    still count the original labels.
+
     Metrics: "loss" (mean over unmasked examples), "top1", "top5", "count" (sums over the
     global batch), "grad_norm" (before clipping), "lr" (`learning_rate_fn(step)`, NaN without
     one), "finite".
     """
     _check_options(bn_mode, accum_steps)
+    _check_recipes(state, ema_decay, mixup_alpha, cutmix_alpha, mix_switch_prob)
     images, labels, mask = _unpack(batch)
     if images.shape[0] % accum_steps:
         raise ValueError(
@@ -77,7 +91,8 @@ def train_step(
     count = _total(mask.sum(), axis_name)
     grads_fn = functools.partial(_micro_grads, state, denominator=jnp.maximum(count, 1),
                                  bn_mode=bn_mode, axis_name=axis_name,
-                                 label_smoothing=label_smoothing)
+                                 label_smoothing=label_smoothing,
+                                 mix=(mixup_alpha, cutmix_alpha, mix_switch_prob))
     if accum_steps == 1:
         grads, batch_stats, sums = grads_fn(state.batch_stats, (images, labels, mask, rng))
     else:
@@ -90,9 +105,11 @@ def train_step(
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A skipped step changes nothing, not even the step. cond rather than a select per leaf:
     # it skips the update's work and the copies (~9% of a small CPU step).
-    new_state = jax.lax.cond(finite,
-                             lambda: state.apply_gradients(grads=grads, batch_stats=batch_stats),
-                             lambda: state)
+    def update() -> TrainState:
+        new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        return new if not ema_decay else update_ema(new, ema_decay)
+
+    new_state = jax.lax.cond(finite, update, lambda: state)
     lr = jnp.nan if learning_rate_fn is None else learning_rate_fn(state.step)
     metrics = {
         "loss": loss,
@@ -149,20 +166,32 @@ def cross_entropy(
 
 def _micro_grads(
     state: TrainState, batch_stats: Any, micro: tuple, *, denominator: jax.Array,
-    bn_mode: str, axis_name: str | None, label_smoothing: float,
+    bn_mode: str, axis_name: str | None, label_smoothing: float, mix: tuple = (0.0, 0.0, 0.5),
 ) -> tuple[Any, Any, Metrics]:
     """Gradients of sum(losses) / denominator on one (micro-)batch, new stats, metric sums.
 
     The denominator is the global example count: summing these gradients over devices and
-    micro-batches gives the gradient of the global mean loss.
+    micro-batches gives the gradient of the global mean loss. `mix` = (mixup_alpha,
+    cutmix_alpha, switch_prob): the loss is then on the mixed batch, with soft labels.
     """
     images, labels, mask, rng = micro
+    mixed = images
+    if mix[0] > 0 or mix[1] > 0:  # a key of its own: dropout's stays as without mixing
+        mix_rng, rng = jax.random.split(rng)
+        mixed, partner, lam = mixing.mix_batch(mix_rng, images, mask, mixup_alpha=mix[0],
+                                               cutmix_alpha=mix[1], switch_prob=mix[2])
+
+    def losses(logits: jax.Array) -> jax.Array:
+        if mixed is images:
+            return cross_entropy(logits, labels, label_smoothing, mask)
+        targets = mixing.mix_targets(labels, partner, lam, logits.shape[-1], label_smoothing)
+        return mixing.soft_cross_entropy(logits, targets, mask)
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, Metrics]]:
-        logits, new_stats = _forward(state.apply_fn, params, batch_stats, images, bn_mode,
+        logits, new_stats = _forward(state.apply_fn, params, batch_stats, mixed, bn_mode,
                                      axis_name, rng)
         sums = _correct(logits, labels, mask)
-        sums["loss_sum"] = cross_entropy(logits, labels, label_smoothing, mask).sum()
+        sums["loss_sum"] = losses(logits).sum()
         return sums["loss_sum"] / denominator, (new_stats, sums)
 
     (_, (new_stats, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -174,6 +203,19 @@ def _check_options(bn_mode: str, accum_steps: int) -> None:
         raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}")
+
+
+def _check_recipes(state: TrainState, ema_decay: float | None, mixup_alpha: float,
+                   cutmix_alpha: float, switch_prob: float) -> None:
+    if ema_decay and not 0 < ema_decay < 1:
+        raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.999), got {ema_decay!r}")
+    if ema_decay and state.ema_params is None:
+        raise ValueError("ema_decay needs a state with an EMA: TrainState.create(..., ema=True)")
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0 (0 = off), got "
+                         f"{mixup_alpha!r} and {cutmix_alpha!r}")
+    if not 0 <= switch_prob <= 1:
+        raise ValueError(f"mix_switch_prob must be in [0, 1], got {switch_prob!r}")
 
 
 def _unpack(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:

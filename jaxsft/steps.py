@@ -65,12 +65,10 @@ def train_step(
     statistics in "train" mode). A non-finite loss or gradient leaves the state unchanged and
     sets metrics["finite"] False, so the loop can stop cleanly.
 
-    Recipes (off by default): `ema_decay` D updates a state made with `TrainState.create(...,
-    ema=True)` after each finite step, ema = D * ema + (1 - D) * new (see `ema_state`).
-    `mixup_alpha` / `cutmix_alpha` > 0 train on Mixup / CutMix batches (one of them per
-    batch, CutMix with probability `mix_switch_prob`, when both are on) with soft-label
-    cross-entropy (label smoothing composes); see `jaxsft.mixing`. The top-1/top-5 metrics
-    still count the original labels.
+    Recipes, off by default: `ema_decay` D: ema = D * ema + (1 - D) * new after each finite
+    step (state from `TrainState.create(..., ema=True)`). `mixup_alpha`/`cutmix_alpha` > 0:
+    Mixup/CutMix batches (CutMix with probability `mix_switch_prob` when both are on), soft
+    labels (see `jaxsft.mixing`); top-1/top-5 still count the original labels.
 
     Metrics: "loss" (mean over unmasked examples), "top1", "top5", "count" (sums over the
     global batch), "grad_norm" (before clipping), "lr" (`learning_rate_fn(step)`, NaN without
@@ -84,9 +82,7 @@ def train_step(
             f"batch of {images.shape[0]} examples (per device) is not divisible by "
             f"accum_steps={accum_steps}: change --batch-size or --accum-steps"
         )
-    rng = jax.random.fold_in(state.rng, state.step)
-    if axis_name is not None:
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    rng = _step_key(state, axis_name)
     axis_name = _collective_axis(axis_name)
     count = _total(mask.sum(), axis_name)
     grads_fn = functools.partial(_micro_grads, state, denominator=jnp.maximum(count, 1),
@@ -103,13 +99,7 @@ def train_step(
     loss = sums["loss_sum"] / jnp.maximum(count, 1)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A skipped step changes nothing, not even the step. cond rather than a select per leaf:
-    # it skips the update's work and the copies (~9% of a small CPU step).
-    def update() -> TrainState:
-        new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-        return new if not ema_decay else update_ema(new, ema_decay)
-
-    new_state = jax.lax.cond(finite, update, lambda: state)
+    new_state = _apply_if(finite, state, grads, batch_stats, ema_decay)
     lr = jnp.nan if learning_rate_fn is None else learning_rate_fn(state.step)
     metrics = {
         "loss": loss,
@@ -203,6 +193,26 @@ def _check_options(bn_mode: str, accum_steps: int) -> None:
         raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}")
+
+
+def _step_key(state: TrainState, axis_name: str | None) -> jax.Array:
+    """The state's key folded with the step and, under pmap, the device index."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    return rng
+
+
+def _apply_if(finite: jax.Array, state: TrainState, grads: Any, batch_stats: Any,
+              ema_decay: float | None) -> TrainState:
+    """The updated state (and EMA) if `finite`, else `state`: a skipped step changes nothing,
+    not even the step. cond rather than a select per leaf: it skips the update's work and
+    the copies (~9% of a small CPU step)."""
+    def update() -> TrainState:
+        new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        return new if not ema_decay else update_ema(new, ema_decay)
+
+    return jax.lax.cond(finite, update, lambda: state)
 
 
 def _check_recipes(state: TrainState, ema_decay: float | None, mixup_alpha: float,

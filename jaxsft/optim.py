@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,19 +31,27 @@ __all__ = [
     "create_optimizer",
     "create_schedule",
     "decay_mask",
+    "freeze_backbone_until",
+    "l2sp",
+    "lp_ft_bn_mode",
     "lr_multipliers",
     "scale_by_multipliers",
 ]
 
 
 def create_optimizer(
-    cfg: OptimConfig, *, total_steps: int, steps_per_epoch: int, batch_size: int
+    cfg: OptimConfig, *, total_steps: int, steps_per_epoch: int, batch_size: int,
+    anchor: Any = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optax transformation for `cfg` and its base learning-rate schedule (for reporting).
 
-    Order of the chain: clip by global norm, then the optimizer (weight decay, momentum or
-    Adam moments, learning rate, per-group multipliers). Under `recipe="linear-probe"` all of
-    it applies to the head only and every other parameter gets an update of exactly zero.
+    Order of the chain: clip by global norm, then the optimizer (L2-SP and coupled weight
+    decay, momentum or Adam moments, learning rate, per-group multipliers). Under
+    `recipe="linear-probe"` all of it applies to the head only and every other parameter gets
+    an update of exactly zero. Recipes read from `cfg` when it has the fields (defaults off):
+    `l2sp` / `l2sp_head` (see `l2sp`; `anchor` = the pretrained params, default the params
+    the optimizer state is initialised with) and `probe_steps` (LP-FT, see
+    `freeze_backbone_until`).
     """
     schedule = create_schedule(
         cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size
@@ -51,10 +59,16 @@ def create_optimizer(
     parts = []
     if cfg.clip_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
-    parts.extend(_optimizer_parts(cfg, schedule))
+    parts.extend(_optimizer_parts(cfg, schedule, anchor))
     tx = optax.chain(*parts)
+    probe_steps = getattr(cfg, "probe_steps", 0)
     if cfg.recipe == "linear-probe":
+        if probe_steps:
+            raise ConfigError("--probe-steps (LP-FT) needs --recipe full: the linear probe "
+                              "is its first phase")
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, _probe_labels)
+    if probe_steps:
+        tx = freeze_backbone_until(tx, probe_steps)
     return tx, schedule
 
 
@@ -126,23 +140,34 @@ def _progress(t: jax.Array, start: int, length: int) -> jax.Array:
 # ------------------------------------------------------------------------- optimizers
 
 
-def _optimizer_parts(cfg: OptimConfig, schedule: optax.Schedule) -> list:
+def _optimizer_parts(cfg: OptimConfig, schedule: optax.Schedule, anchor: Any = None) -> list:
     decay = _weight_decay(cfg)
+    l2 = _l2sp(cfg, anchor)  # coupled (added to the gradient) whatever the optimizer
     lr = [optax.scale_by_learning_rate(schedule)]
     mults = lr_multipliers(cfg)
     if mults is not None:
         lr.append(scale_by_multipliers(mults))
+    adam = [optax.scale_by_adam(b1=cfg.momentum, b2=ADAM_B2, eps=ADAM_EPS)]
     if cfg.optimizer == "sgd":
         momentum = [optax.trace(cfg.momentum, nesterov=cfg.nesterov)] if cfg.momentum else []
-        return decay + momentum + lr
+        return decay + l2 + momentum + lr
     if cfg.optimizer == "adam":  # torch.optim.Adam: L2 added to the gradient
-        return decay + [optax.scale_by_adam(b1=cfg.momentum, b2=ADAM_B2, eps=ADAM_EPS)] + lr
+        return decay + l2 + adam + lr
     if cfg.optimizer == "adamw":  # torch.optim.AdamW: decoupled, scaled by the lr
-        return [optax.scale_by_adam(b1=cfg.momentum, b2=ADAM_B2, eps=ADAM_EPS)] + decay + lr
+        return l2 + adam + decay + lr
     # lars (OptimConfig admits no other): optax.lars, with the trust ratio on weights only
     trust = optax.masked(
         optax.scale_by_trust_ratio(trust_coefficient=LARS_TRUST_COEFFICIENT), _is_weight_tree)
-    return decay + [trust] + lr + [optax.trace(cfg.momentum, nesterov=cfg.nesterov)]
+    return decay + l2 + [trust] + lr + [optax.trace(cfg.momentum, nesterov=cfg.nesterov)]
+
+
+def _l2sp(cfg: OptimConfig, anchor: Any) -> list:
+    alpha, head_alpha = getattr(cfg, "l2sp", 0.0), getattr(cfg, "l2sp_head", 0.0)
+    if alpha < 0 or head_alpha < 0:
+        raise ConfigError(f"--l2sp and --l2sp-head must be >= 0, got {alpha}, {head_alpha}")
+    if alpha == 0 and head_alpha == 0:
+        return []
+    return [l2sp(alpha, head_alpha, anchor, mask=decay_mask(cfg))]
 
 
 def _weight_decay(cfg: OptimConfig) -> list:
@@ -255,3 +280,124 @@ def _key_name(key: Any) -> str:
         if hasattr(key, attr):
             return str(getattr(key, attr))
     return str(key)
+
+
+# ------------------------------------------------------------------------- fine-tuning recipes
+
+
+class L2SPState(NamedTuple):
+    """The anchor: the pretrained weights (zeros for the head), a params-shaped tree."""
+
+    anchor: Any
+
+
+def l2sp(
+    alpha: float, head_alpha: float, anchor: Any = None, *,
+    mask: Callable[[Any], Any] | Any | None = None, head: str = HEAD,
+) -> optax.GradientTransformation:
+    """L2-SP (Li, Grandvalet & Davoine, ICML 2018): decay toward the pretrained weights.
+
+    Adds alpha * (w - w0) to the gradient of every backbone leaf and head_alpha * w to the
+    leaves under `head` (a new head has no pretrained value: plain weight decay, as in the
+    paper). Place it where coupled weight decay goes, before momentum (torch SGD's
+    `weight_decay`). `anchor` (w0) defaults to the params the state is initialised with,
+    i.e. the pretrained weights when `TrainState.create` is given them. The anchor lives in
+    the optimizer state, so it is checkpointed and restored with it. `mask` (a tree or a
+    function of the params, like optax's) picks the leaves penalised (default: all).
+    """
+
+    def coefficients(params: Any) -> Any:
+        chosen = mask(params) if callable(mask) else mask
+        chosen = jax.tree.map(lambda _: True, params) if chosen is None else chosen
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _, on: (head_alpha if _key_name(path[0]) == head else alpha) * on,
+            params, chosen)
+
+    def init_fn(params: Any) -> L2SPState:
+        source = params if anchor is None else anchor
+        return L2SPState(jax.tree_util.tree_map_with_path(
+            lambda path, a, p: (jnp.zeros_like(p) if _key_name(path[0]) == head
+                                else jnp.array(a, dtype=p.dtype, copy=True)),
+            source, params))
+
+    def update_fn(updates: Any, state: L2SPState, params: Any = None) -> tuple:
+        if params is None:
+            raise ValueError("l2sp needs the params: call tx.update(grads, state, params)")
+        updates = jax.tree.map(
+            lambda g, c, p, a: g if c == 0 else g + c * (p - a).astype(g.dtype),
+            updates, coefficients(params), params, state.anchor)
+        return updates, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class FreezeBackboneState(NamedTuple):
+    """Steps taken (the phase) and the wrapped transformation's state."""
+
+    count: jax.Array
+    inner: optax.OptState
+
+
+def freeze_backbone_until(
+    tx: optax.GradientTransformation, probe_steps: int, *, head: str = HEAD
+) -> optax.GradientTransformation:
+    """LP-FT (Kumar et al., ICLR 2022): a linear probe for `probe_steps`, then fine-tuning.
+
+    While fewer than `probe_steps` updates have been made, the backbone's gradients enter
+    `tx` as exact zeros and its updates leave as exact zeros, so only the head (`head`)
+    trains. At the boundary the backbone's per-parameter state in `tx` (momentum buffers,
+    Adam moments: every subtree shaped like the params) is re-initialised with `tx.init`, so
+    fine-tuning starts from fresh buffers, as a separate fine-tuning run would, with no
+    weight decay gathered while the weights were frozen; scalar state (schedule and Adam
+    counts) is shared with the head and continues. The count is in the state: a resume on
+    either side of the boundary is exact. Pair with `lp_ft_bn_mode` for BatchNorm.
+    """
+    if not isinstance(probe_steps, int) or probe_steps < 0:
+        raise ValueError(f"probe_steps must be a non-negative int, got {probe_steps!r}")
+
+    def is_head(tree: Any) -> Any:
+        _require_head(_top_level_names(tree), "LP-FT (probe_steps)")
+        return jax.tree_util.tree_map_with_path(lambda p, _: _key_name(p[0]) == head, tree)
+
+    def init_fn(params: Any) -> FreezeBackboneState:
+        return FreezeBackboneState(jnp.zeros((), jnp.int32), tx.init(params))
+
+    def update_fn(updates: Any, state: FreezeBackboneState, params: Any = None) -> tuple:
+        heads = is_head(updates)
+        probing = state.count < probe_steps
+
+        def gate(tree: Any) -> Any:
+            return jax.tree.map(lambda u, h: u if h else jnp.where(probing, 0, u).astype(u.dtype),
+                                tree, heads)
+
+        inner = jax.lax.cond(state.count == probe_steps,
+                             lambda s: _reset_backbone(s, tx.init(params), heads),
+                             lambda s: s, state.inner)
+        updates, inner = tx.update(gate(updates), inner, params)
+        return gate(updates), FreezeBackboneState(optax.safe_increment(state.count), inner)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _reset_backbone(state: Any, fresh: Any, heads: Any) -> Any:
+    """`state` with the backbone leaves of each params-shaped subtree taken from `fresh`."""
+    shape = jax.tree.structure(heads)
+
+    def params_shaped(node: Any) -> bool:
+        return jax.tree.structure(node) == shape
+
+    def merge(old: Any, new: Any) -> Any:
+        if not params_shaped(old):
+            return old
+        return jax.tree.map(lambda o, n, h: o if h else n, old, new, heads)
+
+    return jax.tree.map(merge, state, fresh, is_leaf=params_shaped)
+
+
+def lp_ft_bn_mode(step: int, probe_steps: int, bn_mode: str) -> str:
+    """The step's BatchNorm mode under LP-FT: "frozen" during the probe, `bn_mode` after.
+
+    `bn_mode` is a static option of `train_step`, so the loop compiles two steps and
+    switches at `step == probe_steps` (a host-side int, e.g. `int(state.step)`).
+    """
+    return "frozen" if step < probe_steps else bn_mode

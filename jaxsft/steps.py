@@ -18,11 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsft.state import TrainState
+from jaxsft import mixing
+from jaxsft.state import TrainState, update_ema
 
 AXIS = "batch"  # the pmap axis name of the wrappers below
 BN_MODES = ("train", "frozen")
-TRAIN_OPTIONS = ("label_smoothing", "bn_mode", "accum_steps", "learning_rate_fn")
+TRAIN_OPTIONS = ("label_smoothing", "bn_mode", "accum_steps", "learning_rate_fn", "ema_decay",
+                 "mixup_alpha", "cutmix_alpha", "mix_switch_prob")
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -48,6 +50,10 @@ def train_step(
     bn_mode: str = "train",
     accum_steps: int = 1,
     learning_rate_fn: optax.Schedule | None = None,
+    ema_decay: float | None = None,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    mix_switch_prob: float = 0.5,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on `batch` = {"image": NHWC, "label": int, optional "mask": 0/1}.
 
@@ -59,25 +65,30 @@ def train_step(
     statistics in "train" mode). A non-finite loss or gradient leaves the state unchanged and
     sets metrics["finite"] False, so the loop can stop cleanly.
 
+    Recipes, off by default: `ema_decay` D: ema = D * ema + (1 - D) * new after each finite
+    step (state from `TrainState.create(..., ema=True)`). `mixup_alpha`/`cutmix_alpha` > 0:
+    Mixup/CutMix batches (CutMix with probability `mix_switch_prob` when both are on), soft
+    labels (see `jaxsft.mixing`); top-1/top-5 still count the original labels.
+
     Metrics: "loss" (mean over unmasked examples), "top1", "top5", "count" (sums over the
     global batch), "grad_norm" (before clipping), "lr" (`learning_rate_fn(step)`, NaN without
     one), "finite".
     """
     _check_options(bn_mode, accum_steps)
+    _check_recipes(state, ema_decay, mixup_alpha, cutmix_alpha, mix_switch_prob)
     images, labels, mask = _unpack(batch)
     if images.shape[0] % accum_steps:
         raise ValueError(
             f"batch of {images.shape[0]} examples (per device) is not divisible by "
             f"accum_steps={accum_steps}: pass a batch that splits into accum_steps micro-batches"
         )
-    rng = jax.random.fold_in(state.rng, state.step)
-    if axis_name is not None:
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    rng = _step_key(state, axis_name)
     axis_name = _collective_axis(axis_name)
     count = _total(mask.sum(), axis_name)
     grads_fn = functools.partial(_micro_grads, state, denominator=jnp.maximum(count, 1),
                                  bn_mode=bn_mode, axis_name=axis_name,
-                                 label_smoothing=label_smoothing)
+                                 label_smoothing=label_smoothing,
+                                 mix=(mixup_alpha, cutmix_alpha, mix_switch_prob))
     if accum_steps == 1:
         grads, batch_stats, sums = grads_fn(state.batch_stats, (images, labels, mask, rng))
     else:
@@ -88,11 +99,7 @@ def train_step(
     loss = sums["loss_sum"] / jnp.maximum(count, 1)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A skipped step changes nothing, not even the step. cond rather than a select per leaf:
-    # it skips the update's work and the copies (~9% of a small CPU step).
-    new_state = jax.lax.cond(finite,
-                             lambda: state.apply_gradients(grads=grads, batch_stats=batch_stats),
-                             lambda: state)
+    new_state = _apply_if(finite, state, grads, batch_stats, ema_decay)
     lr = jnp.nan if learning_rate_fn is None else learning_rate_fn(state.step)
     metrics = {
         "loss": loss,
@@ -149,20 +156,32 @@ def cross_entropy(
 
 def _micro_grads(
     state: TrainState, batch_stats: Any, micro: tuple, *, denominator: jax.Array,
-    bn_mode: str, axis_name: str | None, label_smoothing: float,
+    bn_mode: str, axis_name: str | None, label_smoothing: float, mix: tuple = (0.0, 0.0, 0.5),
 ) -> tuple[Any, Any, Metrics]:
     """Gradients of sum(losses) / denominator on one (micro-)batch, new stats, metric sums.
 
     The denominator is the global example count: summing these gradients over devices and
-    micro-batches gives the gradient of the global mean loss.
+    micro-batches gives the gradient of the global mean loss. `mix` = (mixup_alpha,
+    cutmix_alpha, switch_prob): the loss is then on the mixed batch, with soft labels.
     """
     images, labels, mask, rng = micro
+    mixed = images
+    if mix[0] > 0 or mix[1] > 0:  # a key of its own: dropout's stays as without mixing
+        mix_rng, rng = jax.random.split(rng)
+        mixed, partner, lam = mixing.mix_batch(mix_rng, images, mask, mixup_alpha=mix[0],
+                                               cutmix_alpha=mix[1], switch_prob=mix[2])
+
+    def losses(logits: jax.Array) -> jax.Array:
+        if mixed is images:
+            return cross_entropy(logits, labels, label_smoothing, mask)
+        targets = mixing.mix_targets(labels, partner, lam, logits.shape[-1], label_smoothing)
+        return mixing.soft_cross_entropy(logits, targets, mask)
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, Metrics]]:
-        logits, new_stats = _forward(state.apply_fn, params, batch_stats, images, bn_mode,
+        logits, new_stats = _forward(state.apply_fn, params, batch_stats, mixed, bn_mode,
                                      axis_name, rng)
         sums = _correct(logits, labels, mask)
-        sums["loss_sum"] = cross_entropy(logits, labels, label_smoothing, mask).sum()
+        sums["loss_sum"] = losses(logits).sum()
         return sums["loss_sum"] / denominator, (new_stats, sums)
 
     (_, (new_stats, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -174,6 +193,39 @@ def _check_options(bn_mode: str, accum_steps: int) -> None:
         raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}")
+
+
+def _step_key(state: TrainState, axis_name: str | None) -> jax.Array:
+    """The state's key folded with the step and, under pmap, the device index."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    return rng
+
+
+def _apply_if(finite: jax.Array, state: TrainState, grads: Any, batch_stats: Any,
+              ema_decay: float | None) -> TrainState:
+    """The updated state (and EMA) if `finite`, else `state`: a skipped step changes nothing,
+    not even the step. cond rather than a select per leaf: it skips the update's work and
+    the copies (~9% of a small CPU step)."""
+    def update() -> TrainState:
+        new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        return new if not ema_decay else update_ema(new, ema_decay)
+
+    return jax.lax.cond(finite, update, lambda: state)
+
+
+def _check_recipes(state: TrainState, ema_decay: float | None, mixup_alpha: float,
+                   cutmix_alpha: float, switch_prob: float) -> None:
+    if ema_decay and not 0 < ema_decay < 1:
+        raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.999), got {ema_decay!r}")
+    if ema_decay and state.ema_params is None:
+        raise ValueError("ema_decay needs a state with an EMA: TrainState.create(..., ema=True)")
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0 (0 = off), got "
+                         f"{mixup_alpha!r} and {cutmix_alpha!r}")
+    if not 0 <= switch_prob <= 1:
+        raise ValueError(f"mix_switch_prob must be in [0, 1], got {switch_prob!r}")
 
 
 def _unpack(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:

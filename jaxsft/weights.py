@@ -61,6 +61,7 @@ METADATA_FILE = "jaxsft_weights.json"  # beside the Orbax checkpoint in a conver
 VARIABLES_DIR = "variables"  # the Orbax checkpoint inside a converted directory
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 URL_SCHEMES = ("https", "http", "file")
+HEAD_INITS = ("default", "zeros")  # how a replaced head starts
 # torch.hub's convention: "resnet50-11ad3fa6.pth" holds a file whose sha256 starts 11ad3fa6.
 HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
 
@@ -108,7 +109,8 @@ class WeightsError(ValueError):
 
 def load_weights(source: str | os.PathLike, arch: str, num_classes: int | None = None,
                  rng: Any = None, *, cache_dir: str | os.PathLike | None = None,
-                 dtype: Any = None, sha256: str | None = None) -> dict[str, Any]:
+                 dtype: Any = None, sha256: str | None = None,
+                 head_init: str = "default") -> dict[str, Any]:
     """Pretrained `{"params", "batch_stats"}` for `create_model(arch, num_classes)`.
 
     `source`: a state-dict file (.pth/.pt/.bin via torch, .safetensors without it), a
@@ -118,6 +120,8 @@ def load_weights(source: str | os.PathLike, arch: str, num_classes: int | None =
     re-initialises the head from `rng` (a JAX key or an int seed) as torch.nn.Linear does.
     `dtype`: None keeps the file's float dtype where JAX can (float64 only under x64;
     half precision becomes float32). `sha256`: the expected hash of a downloaded file.
+    `head_init`: how a replaced head starts, "default" (torch.nn.Linear's uniform, from `rng`)
+    or "zeros" (BiT, Kolesnikov et al., ECCV 2020: zero kernel and bias; no rng needed).
     """
     _check_arch(arch)
     path = resolve_source(source, arch, cache_dir=cache_dir, sha256=sha256)
@@ -126,14 +130,17 @@ def load_weights(source: str | os.PathLike, arch: str, num_classes: int | None =
     else:
         state_dict = read_state_dict(path)
     return from_torch_state_dict(state_dict, arch, num_classes, rng, dtype=dtype,
-                                 origin=str(source))
+                                 origin=str(source), head_init=head_init)
 
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], arch: str,
                           num_classes: int | None = None, rng: Any = None, *,
-                          dtype: Any = None, origin: str = "the state dict") -> dict[str, Any]:
+                          dtype: Any = None, origin: str = "the state dict",
+                          head_init: str = "default") -> dict[str, Any]:
     """The strict torch -> Flax mapping behind `load_weights`, for an in-memory state dict."""
     _check_arch(arch)
+    if head_init not in HEAD_INITS:
+        raise WeightsError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
     sd = {k: _to_numpy(v, k, origin) for k, v in _unwrap(state_dict, origin).items()
           if not k.endswith("num_batches_tracked")}
     file_classes = _file_classes(sd)
@@ -150,7 +157,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], arch: str,
         _set(variables[slot.collection], slot.path, jnp.array(value, _jax_dtype(value.dtype, dtype),
                                                     copy=True))
     if num_classes is not None or file_classes is None:
-        _replace_head(variables, fan_in, file_classes, num_classes, rng, origin)
+        _replace_head(variables, fan_in, file_classes, num_classes, rng, origin, head_init)
     return variables
 
 
@@ -625,7 +632,7 @@ def _signature(sd: Mapping[str, Any]) -> tuple[tuple[int, ...], bool, int, int] 
 
 
 def _replace_head(variables: dict, fan_in: int, file_classes: int | None,
-                  num_classes: int | None, rng: Any, origin: str) -> None:
+                  num_classes: int | None, rng: Any, origin: str, head_init: str) -> None:
     """Keep the file's head if the class counts agree, else initialise a new one from rng."""
     if num_classes is None:
         raise WeightsError(f"{origin} has no classifier head (fc.weight, fc.bias): pass "
@@ -636,13 +643,17 @@ def _replace_head(variables: dict, fan_in: int, file_classes: int | None,
     num_classes = int(num_classes)
     if num_classes == file_classes:
         return
+    params = variables["params"]
+    dtype = params["conv1"]["kernel"].dtype
+    if head_init == "zeros":
+        params["fc"] = {"kernel": jnp.zeros((fan_in, num_classes), dtype),
+                        "bias": jnp.zeros((num_classes,), dtype)}
+        return
     if rng is None:
         raise WeightsError(f"{origin} has a {file_classes}-class head; re-initialising it for "
                            f"{num_classes} classes needs rng, e.g. rng=jax.random.key(0)")
     if isinstance(rng, numbers.Integral):
         rng = jax.random.key(int(rng))
-    params = variables["params"]
-    dtype = params["conv1"]["kernel"].dtype
     head = classifier(num_classes, fan_in, dtype)
     new = head.init(rng, jnp.zeros((1, fan_in), dtype))["params"]
     params["fc"] = jax.tree.map(lambda x: x.astype(dtype), new)

@@ -110,6 +110,23 @@ def test_head_reinitialised_rest_bit_identical(resnet18_pth):
     assert not np.array_equal(other["params"]["fc"]["kernel"], kernel)
 
 
+@pytest.mark.parametrize("head_init", ["default", "zeros"])
+def test_head_init_applies_only_to_a_replaced_head(resnet18_pth, head_init):
+    rng = None if head_init == "zeros" else jax.random.key(0)  # zeros needs no rng
+    variables = load_weights(resnet18_pth, "resnet18", num_classes=10, rng=rng,
+                             head_init=head_init)
+    head = variables["params"]["fc"]
+    assert head["kernel"].shape == (512, 10) and head["bias"].shape == (10,)
+    assert head["kernel"].dtype == head["bias"].dtype == jnp.float32
+    assert bool(jnp.all(head["kernel"] == 0)) == (head_init == "zeros")
+    assert bool(jnp.all(head["bias"] == 0)) == (head_init == "zeros")
+    kept = load_weights(resnet18_pth, "resnet18", num_classes=1000, head_init=head_init)
+    np.testing.assert_array_equal(kept["params"]["fc"]["kernel"],
+                                  torchvision_state_dict()["fc.weight"].T)
+    with pytest.raises(WeightsError, match="head_init must be one of default, zeros"):
+        load_weights(resnet18_pth, "resnet18", num_classes=10, head_init="xavier")
+
+
 def test_head_reinitialisation_needs_rng(resnet18_pth):
     with pytest.raises(WeightsError, match=r"1000-class head.*10 classes needs rng"):
         load_weights(resnet18_pth, "resnet18", num_classes=10)

@@ -29,7 +29,8 @@ def _field(default: Any, help: str, choices: Sequence[str] | None = None) -> Any
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 SCHEDULES = ("constant", "step", "multistep", "cosine", "linear")
 OPTIMIZERS = ("sgd", "adamw", "adam", "lars")
-RECIPES = ("full", "linear-probe")
+RECIPES = ("full", "linear-probe", "lp-ft")
+HEAD_INITS = ("default", "zeros")
 LR_SCALINGS = ("none", "linear")
 BN_MODES = ("train", "frozen")
 AUGMENTS = ("imagenet", "light", "none")
@@ -48,6 +49,12 @@ class ModelConfig:
     dtype: str = _field(
         "float32", "compute dtype; parameters stay float32 (float64 turns on JAX's x64 mode)",
         DTYPES)
+    new_head: bool = _field(
+        False, "replace the loaded head even when its class count equals the data set's "
+        "(a new task with as many classes)")
+    head_init: str = _field(
+        "default", "a new head's start: default = torch.nn.Linear's init, zeros = BiT's "
+        "(Kolesnikov et al. 2020)", HEAD_INITS)
 
     def __post_init__(self) -> None:
         _check_model(self)
@@ -109,8 +116,16 @@ class OptimConfig:
     step_epochs: float = _field(30.0, "step schedule: decay every this many epochs")
     clip_grad_norm: float | None = _field(None, "clip gradients to this global norm")
     recipe: str = _field(
-        "full", "full fine-tuning, or linear-probe (only the head trains)", RECIPES
+        "full", "full fine-tuning; linear-probe (only the head trains); lp-ft = a linear "
+        "probe, then full fine-tuning from that head (Kumar et al. 2022)", RECIPES
     )
+    probe_steps: int | None = _field(
+        None, "lp-ft: steps of the linear-probe phase (default: half the run)")
+    l2sp: float = _field(
+        0.0, "L2-SP (Li et al. 2018): coupled penalty alpha (w - w0) pulling the backbone "
+        "toward its pretrained weights w0 (0 = off)")
+    l2sp_head: float = _field(
+        0.0, "L2-SP's coefficient for the head, which has no pretrained value: toward zero")
     head_lr_mult: float = _field(1.0, "learning-rate multiplier of the new head")
     layer_decay: float = _field(
         1.0, "layer-wise rate decay: stage k from the top trains at lr x decay^k"
@@ -132,6 +147,17 @@ class RunConfig:
         "running statistics, kept as loaded (always so with --recipe linear-probe)",
         BN_MODES,
     )
+    bn_momentum: str = _field(
+        "0.1", "BatchNorm running-statistics momentum in torch's convention (0.1 = torch's "
+        "default), or auto = min(10 / steps per epoch, 0.1) (Kornblith et al. 2019)")
+    ema_decay: float | None = _field(
+        None, "keep an exponential moving average of parameters and BatchNorm statistics "
+        "with this decay (e.g. 0.99); evaluations and 'best' are then the average's")
+    mixup: float = _field(0.0, "Mixup alpha: mixed images and labels (0 = off)")
+    cutmix: float = _field(
+        0.0, "CutMix alpha (0 = off); with --mixup too, one of the two per batch")
+    early_stop: int | None = _field(
+        None, "stop after N evaluations without a better top-1 (the best checkpoint is kept)")
     accum_steps: int = _field(1, "gradient accumulation: micro-batches per step")
     seed: int = _field(0, "seed of initialisation, shuffling and augmentation")
     eval_every: int | None = _field(None, "evaluate every N steps (default: each epoch)")
@@ -236,6 +262,7 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
 
 def _check_model(m: ModelConfig) -> None:
     _one_of("dtype", m.dtype, DTYPES)
+    _one_of("head-init", m.head_init, HEAD_INITS)
     _positive("num-classes", m.num_classes)
 
 
@@ -265,7 +292,11 @@ def _check_optim(o: OptimConfig) -> None:
         raise ConfigError("--nesterov needs a positive --momentum")
     if o.nesterov and o.optimizer != "sgd":
         raise ConfigError("--nesterov applies to --optimizer sgd only")
-    for name, value in (("weight-decay", o.weight_decay), ("warmup-epochs", o.warmup_epochs)):
+    _positive("probe-steps", o.probe_steps)
+    if o.probe_steps is not None and o.recipe != "lp-ft":
+        raise ConfigError("--probe-steps is the length of lp-ft's probe: add --recipe lp-ft")
+    for name, value in (("weight-decay", o.weight_decay), ("warmup-epochs", o.warmup_epochs),
+                        ("l2sp", o.l2sp), ("l2sp-head", o.l2sp_head)):
         if value < 0:
             raise ConfigError(f"--{name} must be >= 0, got {value}")
     if not 0 < o.layer_decay <= 1:
@@ -282,14 +313,31 @@ def _check_run(r: RunConfig) -> None:
         _positive(name, value)
     if not 0 <= r.label_smoothing < 1:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {r.label_smoothing}")
+    _positive("early-stop", r.early_stop)
+    for name, value in (("mixup", r.mixup), ("cutmix", r.cutmix)):
+        if value < 0:
+            raise ConfigError(f"--{name} must be >= 0 (0 = off), got {value}")
+    if r.ema_decay is not None and not 0 < r.ema_decay < 1:
+        raise ConfigError(f"--ema-decay must be in (0, 1), e.g. 0.99, got {r.ema_decay}")
+    if r.bn_momentum != "auto":
+        try:
+            momentum = float(r.bn_momentum)
+        except ValueError:
+            momentum = -1.0
+        if not 0 < momentum <= 1:
+            raise ConfigError(f"--bn-momentum must be auto or a number in (0, 1], got "
+                              f"{r.bn_momentum!r}")
 
 
 def _check_config(cfg: Config) -> None:
     """What no section can check alone. Batch sizes against devices and accumulation are
     checked where the devices are known (`jaxsft.trainer.make_plan`)."""
     m, o, r = cfg.model, cfg.optim, cfg.run
-    if o.recipe == "linear-probe" and m.weights is None:
-        raise ConfigError("--recipe linear-probe needs --weights: a random backbone stays random")
+    if o.recipe in ("linear-probe", "lp-ft") and m.weights is None:
+        raise ConfigError(f"--recipe {o.recipe} needs --weights: a random backbone stays random")
+    if o.l2sp and m.weights is None and r.resume is None:
+        raise ConfigError("--l2sp pulls toward pretrained weights: it needs --weights (use "
+                          "--weight-decay for a random start)")
     if r.bn == "frozen" and m.weights is None and r.resume is None:
         raise ConfigError("--bn frozen needs --weights: random running statistics stay random")
 

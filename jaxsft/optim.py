@@ -48,10 +48,10 @@ def create_optimizer(
     Order of the chain: clip by global norm, then the optimizer (L2-SP and coupled weight
     decay, momentum or Adam moments, learning rate, per-group multipliers). Under
     `recipe="linear-probe"` all of it applies to the head only and every other parameter gets
-    an update of exactly zero. Recipes read from `cfg` when it has the fields (defaults off):
-    `l2sp` / `l2sp_head` (see `l2sp`; `anchor` = the pretrained params, default the params
-    the optimizer state is initialised with) and `probe_steps` (LP-FT, see
-    `freeze_backbone_until`).
+    an update of exactly zero; under `recipe="lp-ft"` the backbone's updates are zero for
+    `probe_steps(cfg, total_steps)` steps (`freeze_backbone_until`). `cfg.l2sp` /
+    `cfg.l2sp_head` add L2-SP (see `l2sp`; `anchor` = the pretrained params, default the
+    params the optimizer state is initialised with).
     """
     schedule = create_schedule(
         cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size
@@ -61,15 +61,23 @@ def create_optimizer(
         parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
     parts.extend(_optimizer_parts(cfg, schedule, anchor))
     tx = optax.chain(*parts)
-    probe_steps = getattr(cfg, "probe_steps", 0)
     if cfg.recipe == "linear-probe":
-        if probe_steps:
-            raise ConfigError("--probe-steps (LP-FT) needs --recipe full: the linear probe "
-                              "is its first phase")
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, _probe_labels)
-    if probe_steps:
-        tx = freeze_backbone_until(tx, probe_steps)
+    elif cfg.recipe == "lp-ft":
+        tx = freeze_backbone_until(tx, probe_steps(cfg, total_steps))
     return tx, schedule
+
+
+def probe_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """Steps of LP-FT's linear-probe phase: `cfg.probe_steps`, else half the run; 0 for
+    the other recipes."""
+    if cfg.recipe != "lp-ft":
+        return 0
+    steps = cfg.probe_steps if cfg.probe_steps is not None else total_steps // 2
+    if steps >= total_steps:
+        raise ConfigError(f"--probe-steps {steps} leaves no fine-tuning in a {total_steps}-step "
+                          "run: shorten the probe or train longer")
+    return steps
 
 
 # ------------------------------------------------------------------------- schedules
@@ -162,12 +170,9 @@ def _optimizer_parts(cfg: OptimConfig, schedule: optax.Schedule, anchor: Any = N
 
 
 def _l2sp(cfg: OptimConfig, anchor: Any) -> list:
-    alpha, head_alpha = getattr(cfg, "l2sp", 0.0), getattr(cfg, "l2sp_head", 0.0)
-    if alpha < 0 or head_alpha < 0:
-        raise ConfigError(f"--l2sp and --l2sp-head must be >= 0, got {alpha}, {head_alpha}")
-    if alpha == 0 and head_alpha == 0:
+    if cfg.l2sp == 0 and cfg.l2sp_head == 0:
         return []
-    return [l2sp(alpha, head_alpha, anchor, mask=decay_mask(cfg))]
+    return [l2sp(cfg.l2sp, cfg.l2sp_head, anchor, mask=decay_mask(cfg))]
 
 
 def _weight_decay(cfg: OptimConfig) -> list:

@@ -6,9 +6,6 @@ A toy network named like a ResNet (a conv `conv1`, BatchNorm `bn1`, head `fc`) a
 
 from __future__ import annotations
 
-import dataclasses
-import types
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,11 +70,10 @@ def assert_equal(a, b) -> None:
 
 
 def sgd(**fields):
-    """SGD(lr=0.1, momentum=0.9) from create_optimizer; recipe fields OptimConfig does not
-    have yet (l2sp, l2sp_head, probe_steps) are set as attributes, as getattr reads them."""
-    known = {f.name for f in dataclasses.fields(OptimConfig)}
-    cfg = OptimConfig(lr=0.1, momentum=0.9, **{k: v for k, v in fields.items() if k in known})
-    cfg = types.SimpleNamespace(**{**dataclasses.asdict(cfg), **fields})
+    """SGD(lr=0.1, momentum=0.9) from create_optimizer, as the CLI builds it (a 20-step run);
+    `probe_steps` makes it LP-FT."""
+    recipe = {"recipe": "lp-ft"} if fields.get("probe_steps") else {}
+    cfg = OptimConfig(lr=0.1, momentum=0.9, **recipe, **fields)
     return create_optimizer(cfg, total_steps=20, steps_per_epoch=10, batch_size=BATCH)[0]
 
 

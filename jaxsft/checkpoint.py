@@ -237,7 +237,8 @@ def _from_arrays(tree: Any, target: Any) -> Any:
 
 def restore_variables(directory: str | Path,
                       step: int | str = "best") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Only the model variables ({"params", "batch_stats"}) and meta of a checkpoint.
+    """Only the model variables ({"params", "batch_stats"}) and meta of a checkpoint: the
+    moving average's where the run kept one (what it evaluated and ranked as best).
 
     Needs no optimizer or data set: what prediction and export use.
     """
@@ -246,4 +247,6 @@ def restore_variables(directory: str | Path,
         restored = manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     tree = restored["state"]
-    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, dict(restored["meta"])
+    prefix = "ema_" if tree.get("ema_params") is not None else ""
+    return ({"params": tree[prefix + "params"], "batch_stats": tree[prefix + "batch_stats"]},
+            dict(restored["meta"]))

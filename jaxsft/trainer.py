@@ -26,7 +26,7 @@ from jaxsft.config import Config, ConfigError
 from jaxsft.models import ARCHITECTURES, create_model
 from jaxsft.periodic import is_time
 from jaxsft.preemption import StopRequest
-from jaxsft.state import TrainState
+from jaxsft.state import TrainState, ema_state
 from jaxsft.weights import load_weights
 
 CHECKPOINT_DIR = "checkpoints"
@@ -60,7 +60,9 @@ class Plan:
     eval_every: int
     checkpoint_every: int
     log_every: int
-    bn_mode: str
+    bn_mode: str  # after LP-FT's probe, if any
+    probe_steps: int  # LP-FT's linear-probe phase (0: none)
+    bn_momentum: float  # torch's convention
     tx: optax.GradientTransformation
     schedule: optax.Schedule
 
@@ -78,7 +80,14 @@ def make_plan(cfg: Config) -> Plan:
     return Plan(info=info, num_classes=cfg.model.num_classes or info.num_classes,
                 steps_per_epoch=spe, total_steps=total, eval_every=cfg.run.eval_every or spe,
                 checkpoint_every=cfg.run.checkpoint_every or spe, log_every=cfg.run.log_every,
-                bn_mode=bn_mode, tx=tx, schedule=schedule)
+                bn_mode=bn_mode, probe_steps=optim.probe_steps(cfg.optim, total),
+                bn_momentum=_bn_momentum(cfg.run.bn_momentum, spe), tx=tx, schedule=schedule)
+
+
+def _bn_momentum(setting: str, steps_per_epoch: int) -> float:
+    """auto: Kornblith et al. (2019)'s max(1 - 10 / steps per epoch, 0.9) in TF's convention,
+    i.e. min(10 / steps per epoch, 0.1) in torch's: statistics averaged over about an epoch."""
+    return min(10 / steps_per_epoch, 0.1) if setting == "auto" else float(setting)
 
 
 def _check_compute(cfg: Config) -> None:
@@ -109,14 +118,16 @@ def initial_state(cfg: Config, plan: Plan, pretrained: bool = True) -> TrainStat
     init_rng, state_rng = jax.random.split(jax.random.key(cfg.run.seed))
     if cfg.model.weights and pretrained:
         variables = load_weights(cfg.model.weights, cfg.model.model,
-                                 num_classes=plan.num_classes, rng=init_rng)
+                                 num_classes=plan.num_classes, rng=init_rng,
+                                 head_init=cfg.model.head_init, new_head=cfg.model.new_head)
     else:
         size = cfg.data.image_size
         variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)), train=False)
                             )(init_rng)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              batch_stats=variables["batch_stats"], tx=plan.tx,
-                             rng=jax.random.key_data(state_rng))  # raw keys checkpoint as-is
+                             rng=jax.random.key_data(state_rng),  # raw keys checkpoint as-is
+                             ema=cfg.run.ema_decay is not None)
 
 
 def restore_or_init(cfg: Config, plan: Plan, manager) -> tuple[TrainState, str]:
@@ -180,13 +191,13 @@ def fit(cfg: Config) -> TrainState:
 def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
                 say) -> tuple[TrainState, int]:
     """Steps from state.step to plan.total_steps; returns (state, unreadable images skipped)."""
-    train_step = steps.pmap_train_step(label_smoothing=cfg.run.label_smoothing,
-                                       bn_mode=plan.bn_mode, accum_steps=cfg.run.accum_steps,
-                                       learning_rate_fn=plan.schedule)
+    train_step = _train_steps(cfg, plan)
     eval_step = steps.pmap_eval_step()
     start = int(state.step)
-    if start >= plan.total_steps:
-        say(f"already trained for {start} steps (of {plan.total_steps}); nothing to do")
+    stopper = EarlyStop.resumed(cfg.run.early_stop, _resumed_meta(manager, start))
+    if start >= plan.total_steps or stopper.stopped:
+        say(f"already trained for {start} steps (of {plan.total_steps}"
+            f"{', stopped early' if stopper.stopped else ''}); nothing to do")
         return state, 0
     rstate = steps.replicate(state)
     train_batches = data.train_batches(cfg.data, seed=cfg.run.seed, start_step=start)
@@ -200,7 +211,7 @@ def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
                                                       enabled=enabled) as progress:
         for step in range(start + 1, plan.total_steps + 1):
             progress.begin(step)
-            rstate, step_metrics = train_step(rstate, next(batches))
+            rstate, step_metrics = train_step(step - 1)(rstate, next(batches))
             window.append(step_metrics)
             stopping = stop.requested  # read once: a later signal is handled at the next step
             due = _due(plan, step, stopping)
@@ -209,9 +220,10 @@ def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
                 progress.update(step, loss=row["loss"], top1=row["top1"],
                                 images_per_s=row["images_per_s"])
                 window = []
-            eval_row = run_eval(eval_step, rstate, cfg) if due.eval else None
+            eval_row = run_eval(eval_step, _evaluated(rstate), cfg) if due.eval else None
             if eval_row is not None:
                 writer.write(step, eval_row, "eval")
+                stopper.update(eval_row["top1"])
             progress.end(step)
             if eval_row is not None:
                 epoch = (step - 1) // plan.steps_per_epoch + 1
@@ -220,14 +232,67 @@ def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
             if due.save:
                 checkpoint.save(manager, steps.unreplicate(rstate),
                                 {**meta, "epoch": (step - 1) // plan.steps_per_epoch,
-                                 "data_position": step},
+                                 "data_position": step, "early_stop": stopper.record()},
                                 metrics=None if eval_row is None else
                                 {k: float(v) for k, v in eval_row.items()})
+            if stopper.stopped:
+                say(f"early stop at step {step}: no better top-1 in {stopper.patience} "
+                    f"evaluations; the best checkpoint is kept")
+                break
             if stopping:
                 progress.close()
                 checkpoint.wait(manager)
                 raise Preempted(stop.signal_name, step)
     return steps.unreplicate(rstate), train_batches.skipped.count
+
+
+def _train_steps(cfg: Config, plan: Plan):
+    """step -> the compiled step that runs after `step` steps: LP-FT's probe freezes
+    BatchNorm, a static option, so it has a step of its own until the boundary."""
+    options = dict(label_smoothing=cfg.run.label_smoothing, accum_steps=cfg.run.accum_steps,
+                   learning_rate_fn=plan.schedule, ema_decay=cfg.run.ema_decay,
+                   mixup_alpha=cfg.run.mixup, cutmix_alpha=cfg.run.cutmix)
+    modes = {optim.lp_ft_bn_mode(s, plan.probe_steps, plan.bn_mode) for s in (0, plan.total_steps)}
+    compiled = {mode: steps.pmap_train_step(bn_mode=mode, **options) for mode in modes}
+    return lambda step: compiled[optim.lp_ft_bn_mode(step, plan.probe_steps, plan.bn_mode)]
+
+
+def _evaluated(state: TrainState) -> TrainState:
+    """The weights an evaluation measures: the moving average's when the run keeps one."""
+    return state if state.ema_params is None else ema_state(state)
+
+
+class EarlyStop:
+    """Stops after `patience` evaluations without a better top-1 (None: never)."""
+
+    def __init__(self, patience: int | None, best: float | None = None, stale: int = 0):
+        self.patience, self.best, self.stale = patience, best, stale
+
+    @classmethod
+    def resumed(cls, patience: int | None, meta: dict[str, Any]) -> EarlyStop:
+        """The count where the run's checkpoint left it (fresh without one)."""
+        record = meta.get("early_stop") or {}
+        return cls(patience, record.get("best"), record.get("stale", 0))
+
+    def update(self, top1: float) -> None:
+        if self.best is None or top1 > self.best:
+            self.best, self.stale = float(top1), 0
+        else:
+            self.stale += 1
+
+    @property
+    def stopped(self) -> bool:
+        return self.patience is not None and self.stale >= self.patience
+
+    def record(self) -> dict[str, float | int | None]:
+        return {"best": self.best, "stale": self.stale}
+
+
+def _resumed_meta(manager, start: int) -> dict[str, Any]:
+    """The metadata of the workdir's checkpoint at `start` ({} for a fresh start)."""
+    if start == 0 or start not in manager.all_steps():
+        return {}
+    return checkpoint.read_meta(manager.directory, start)
 
 
 class Due(NamedTuple):
@@ -274,7 +339,7 @@ def evaluate(cfg: Config, checkpoint_step: int | str = "best") -> dict[str, floa
     with checkpoint.create_manager(directory, read_only=True, asynchronous=False) as manager:
         state, meta = checkpoint.restore(manager, initial_state(cfg, plan, pretrained=False),
                                          checkpoint_step)
-    result = run_eval(steps.pmap_eval_step(), steps.replicate(state), cfg)
+    result = run_eval(steps.pmap_eval_step(), steps.replicate(_evaluated(state)), cfg)
     return {**result, "step": int(state.step), "split": plan.info.eval_split,
             "num_classes": plan.num_classes}
 

@@ -96,8 +96,10 @@ TORCHVISION_WEIGHTS: Mapping[str, Mapping[str, str]] = MappingProxyType({
 })
 
 _SOURCES_HELP = ("a .pth/.pt/.bin/.safetensors file, a directory written by python -m "
-                 "jaxsft.convert, an https:// or file:// URL, or torchvision:<arch>.<WEIGHTS> "
-                 "(e.g. torchvision:resnet50.IMAGENET1K_V2)")
+                 "jaxsft.convert, a jaxsft workdir (its best checkpoint), an https:// or "
+                 "file:// URL, or torchvision:<arch>.<WEIGHTS> (e.g. "
+                 "torchvision:resnet50.IMAGENET1K_V2)")
+WORKDIR_CHECKPOINTS = "checkpoints"  # a jaxsft workdir's (jaxsft.trainer.CHECKPOINT_DIR)
 
 
 class WeightsError(ValueError):
@@ -110,11 +112,12 @@ class WeightsError(ValueError):
 def load_weights(source: str | os.PathLike, arch: str, num_classes: int | None = None,
                  rng: Any = None, *, cache_dir: str | os.PathLike | None = None,
                  dtype: Any = None, sha256: str | None = None,
-                 head_init: str = "default") -> dict[str, Any]:
+                 head_init: str = "default", new_head: bool = False) -> dict[str, Any]:
     """Pretrained `{"params", "batch_stats"}` for `create_model(arch, num_classes)`.
 
     `source`: a state-dict file (.pth/.pt/.bin via torch, .safetensors without it), a
-    directory from `python -m jaxsft.convert`, an https:// or file:// URL (cached in
+    directory from `python -m jaxsft.convert`, a jaxsft workdir (the weights of its best
+    checkpoint, the moving average's if it kept one), an https:// or file:// URL (cached in
     `cache_dir`, default $JAXSFT_CACHE or ~/.cache/jaxsft), or `torchvision:<arch>.<WEIGHTS>`.
     `num_classes`: None or the file's class count keeps the pretrained head; another count
     re-initialises the head from `rng` (a JAX key or an int seed) as torch.nn.Linear does.
@@ -122,25 +125,32 @@ def load_weights(source: str | os.PathLike, arch: str, num_classes: int | None =
     half precision becomes float32). `sha256`: the expected hash of a downloaded file.
     `head_init`: how a replaced head starts, "default" (torch.nn.Linear's uniform, from `rng`)
     or "zeros" (BiT, Kolesnikov et al., ECCV 2020: zero kernel and bias; no rng needed).
+    `new_head`: replace the head even when the class counts agree (a new task with as many
+    classes as the file's).
     """
     _check_arch(arch)
     path = resolve_source(source, arch, cache_dir=cache_dir, sha256=sha256)
-    if path.is_dir():
+    if (path / WORKDIR_CHECKPOINTS).is_dir():
+        state_dict = _read_workdir(path, arch)
+    elif path.is_dir():
         state_dict = _read_converted(path, arch)
     else:
         state_dict = read_state_dict(path)
     return from_torch_state_dict(state_dict, arch, num_classes, rng, dtype=dtype,
-                                 origin=str(source), head_init=head_init)
+                                 origin=str(source), head_init=head_init, new_head=new_head)
 
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], arch: str,
                           num_classes: int | None = None, rng: Any = None, *,
                           dtype: Any = None, origin: str = "the state dict",
-                          head_init: str = "default") -> dict[str, Any]:
+                          head_init: str = "default",
+                          new_head: bool = False) -> dict[str, Any]:
     """The strict torch -> Flax mapping behind `load_weights`, for an in-memory state dict."""
     _check_arch(arch)
     if head_init not in HEAD_INITS:
         raise WeightsError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
+    if new_head and num_classes is None:
+        raise WeightsError("new_head replaces the head with one of num_classes: pass num_classes")
     sd = {k: _to_numpy(v, k, origin) for k, v in _unwrap(state_dict, origin).items()
           if not k.endswith("num_batches_tracked")}
     file_classes = _file_classes(sd)
@@ -157,7 +167,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], arch: str,
         _set(variables[slot.collection], slot.path, jnp.array(value, _jax_dtype(value.dtype, dtype),
                                                     copy=True))
     if num_classes is not None or file_classes is None:
-        _replace_head(variables, fan_in, file_classes, num_classes, rng, origin, head_init)
+        _replace_head(variables, fan_in, None if new_head else file_classes, num_classes, rng,
+                      origin, head_init)
     return variables
 
 
@@ -393,6 +404,20 @@ def _verify_hash(url: str, name: str, digest: str, sha256: str | None) -> None:
                            "prefix in the file name (torch.hub convention); the download is "
                            "corrupt or the URL is wrong (nothing was cached). If the name "
                            "carries no hash, pass sha256= with the file's real hash")
+
+
+def _read_workdir(path: Path, arch: str) -> dict[str, np.ndarray]:
+    """The state dict of a jaxsft workdir's best checkpoint, after checking its architecture."""
+    from jaxsft.checkpoint import CheckpointError, restore_variables
+
+    try:
+        variables, meta = restore_variables(path / WORKDIR_CHECKPOINTS, "best")
+    except CheckpointError as e:
+        raise WeightsError(f"cannot use the workdir {path} as weights: {e}") from None
+    held = meta.get("config", {}).get("model", {}).get("model")
+    if held is not None and held != arch:
+        raise WeightsError(f"{path} holds {held} weights, not {arch}: pass arch='{held}'")
+    return _torch_tensors(variables)  # load_weights checks them
 
 
 def _read_converted(path: Path, arch: str) -> dict[str, np.ndarray]:

@@ -42,8 +42,8 @@ class ModelConfig:
     weights: str | None = _field(
         None,
         "pretrained weights: a .pth/.safetensors file, an https:// or file:// URL, "
-        "torchvision:<arch>.<ENUM>, or a directory written by jaxsft.convert; "
-        "none = random initialisation",
+        "torchvision:<arch>.<ENUM>, a directory written by jaxsft.convert, or a jaxsft "
+        "workdir (its best checkpoint); none = random initialisation",
     )
     num_classes: int | None = _field(None, "classes of the new head (default: from the data set)")
     dtype: str = _field(

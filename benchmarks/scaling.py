@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jaxsft import host_memory
+from jaxsft.cpu import malloc
 
 FORCE_FLAG = "--xla_force_host_platform_device_count"
 CPU_DEFAULT_DEVICES = 4
@@ -147,5 +147,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_tuned_malloc()  # both frameworks run in this process: same malloc
+    malloc.reexec_with_tuned_malloc()  # both frameworks run in this process: same malloc
     sys.exit(main())

@@ -46,7 +46,7 @@ import optax
 
 from benchmarks import peaks, torch_loop
 from jaxsft import compilation_cache as cache
-from jaxsft import host_memory
+from jaxsft.cpu import malloc
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 QUICK = dict(model="resnet18", image_size=64, batch_size=4, steps=4, warmup=1, rounds=2)
@@ -745,5 +745,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_tuned_malloc()  # both frameworks run in this process: same malloc
+    malloc.reexec_with_tuned_malloc()  # both frameworks run in this process: same malloc
     sys.exit(main())

@@ -8,12 +8,12 @@ and how to keep your own settings).
 
 import importlib
 
-from jaxsft import xla_cpu
+from jaxsft.cpu import xla_flags
 
 __version__ = "0.1.0"
 
 # Before JAX starts a backend: XLA reads its flags once (see jaxsft/xla_cpu.py).
-xla_cpu.apply()
+xla_flags.apply()
 
 _EXPORTS = {
     "create_model": "jaxsft.models",

@@ -140,7 +140,7 @@ def test_bfloat16_compute_keeps_float32_params(tmp_path):
 
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     # The program an accelerator runs: 20 convolutions, all computing in bfloat16. (On the CPU
-    # some convolutions are matrix products, jaxsft.models.conv; checked by the CPU export.)
+    # some convolutions are matrix products, jaxsft.cpu.conv; checked by the CPU export.)
     forward = jax.jit(partial(model.apply, train=False))
     for platform, ops in (("cuda", ("convolution",)), ("cpu", ("convolution", "dot_general"))):
         mlir = jax.export.export(forward, platforms=[platform])(variables, nhwc(x)).mlir_module()

@@ -6,31 +6,31 @@ import sys
 
 import pytest
 
-from jaxsft import xla_cpu
+from jaxsft.cpu import xla_flags
 
-OURS = " ".join(f"--{name}={value}" for name, value in xla_cpu.FLAGS.items())
+OURS = " ".join(f"--{name}={value}" for name, value in xla_flags.FLAGS.items())
 
 
 def test_the_flags_are_appended_to_the_users_flags():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    assert xla_cpu.apply(env, jaxlib="0.10.2") == xla_cpu.FLAGS
+    assert xla_flags.apply(env, jaxlib="0.10.2") == xla_flags.FLAGS
     assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=4 {OURS}"
-    assert xla_cpu.apply(env, jaxlib="0.10.2") == xla_cpu.FLAGS  # idempotent
-    assert all(env["XLA_FLAGS"].count(name) == 1 for name in xla_cpu.FLAGS)
+    assert xla_flags.apply(env, jaxlib="0.10.2") == xla_flags.FLAGS  # idempotent
+    assert all(env["XLA_FLAGS"].count(name) == 1 for name in xla_flags.FLAGS)
     empty = {}
-    assert xla_cpu.apply(empty, jaxlib="0.10.2") == xla_cpu.FLAGS and empty["XLA_FLAGS"] == OURS
+    assert xla_flags.apply(empty, jaxlib="0.10.2") == xla_flags.FLAGS and empty["XLA_FLAGS"] == OURS
 
 
 def test_a_users_own_values_win_and_untested_jaxlibs_are_left_alone():
-    ynn, emitters = xla_cpu.FLAGS
+    ynn, emitters = xla_flags.FLAGS
     mine = {"XLA_FLAGS": f"--{ynn}=+individual_convolution"}
-    assert xla_cpu.apply(mine, jaxlib="0.10.2") == {emitters: "false"}
+    assert xla_flags.apply(mine, jaxlib="0.10.2") == {emitters: "false"}
     assert mine["XLA_FLAGS"] == f"--{ynn}=+individual_convolution --{emitters}=false"
     bare = {"XLA_FLAGS": f"--{emitters}"}  # a boolean flag without a value means true
-    assert xla_cpu.apply(bare, jaxlib="0.10.2") == {ynn: xla_cpu.FLAGS[ynn]}
-    assert bare["XLA_FLAGS"] == f"--{emitters} --{ynn}={xla_cpu.FLAGS[ynn]}"
+    assert xla_flags.apply(bare, jaxlib="0.10.2") == {ynn: xla_flags.FLAGS[ynn]}
+    assert bare["XLA_FLAGS"] == f"--{emitters} --{ynn}={xla_flags.FLAGS[ynn]}"
     future = {}
-    assert xla_cpu.apply(future, jaxlib="0.11.0") == {}  # XLA would abort on an unknown flag
+    assert xla_flags.apply(future, jaxlib="0.11.0") == {}  # XLA would abort on an unknown flag
     assert future == {}
 
 

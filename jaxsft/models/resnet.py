@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxsft.models.conv import Conv, max_pool
+from jaxsft.cpu.conv import Conv, max_pool
+from jaxsft.cpu.stored import relu
 from jaxsft.models.norm import batch_norm_train, normalize
-from jaxsft.models.stored import relu
 
 # torch's BatchNorm momentum 0.1 is Flax's 0.9: running = 0.9 * running + 0.1 * batch.
 BN_MOMENTUM = 0.9

@@ -36,7 +36,7 @@ from jax._src.interpreters.mlir import custom_call  # api_version 1 calls: not i
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from jaxsft import xla_cpu
+from jaxsft.cpu import xla_flags
 
 __all__ = ["available", "conv", "input_grad"]
 
@@ -59,7 +59,7 @@ warnings.filterwarnings("ignore", message=UNSERIALIZABLE, category=UserWarning)
 
 @functools.cache
 def _runtime_tested() -> bool:
-    return xla_cpu.is_tested(TESTED_JAXLIB)
+    return xla_flags.is_tested(TESTED_JAXLIB)
 
 
 def available(dtype) -> bool:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxsft import cpu
 from jaxsft.cpu import onednn
 from jaxsft.cpu.conv import (
     GEMM,
@@ -136,6 +137,7 @@ def flops(shape: tuple) -> float:
 
 
 def main() -> None:
+    cpu.configure()  # XLA:CPU flags, before JAX starts its backend
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--size", type=int, default=64)

@@ -6,8 +6,8 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from jaxsft import cpu
 from jaxsft.config import ConfigError
-from jaxsft.cpu import malloc
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -43,10 +43,12 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     """Runs `main(argv)` and exits with `exit_code`; unexpected errors keep their traceback.
 
     On the real command line (argv None) the process first re-executes itself with glibc's
-    malloc tuned for XLA's buffers (jaxsft/cpu/malloc.py).
+    malloc tuned for XLA's buffers (jaxsft/cpu/malloc.py); then, before JAX starts, the
+    XLA:CPU flags are set (`jaxsft.cpu.configure`).
     """
     if argv is None:
-        malloc.reexec_with_tuned_malloc()
+        cpu.reexec_with_tuned_malloc()
+    cpu.configure()
     try:
         main(argv)
     except (Exception, KeyboardInterrupt) as e:

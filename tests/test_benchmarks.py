@@ -225,11 +225,13 @@ def test_compilation_cache_stores_and_reuses_executables(tmp_path):
 def test_steps_xla_cannot_store_compile_without_a_warning_and_other_failures_still_warn(
         tmp_path):
     # XLA:CPU fails to serialize executables that call oneDNN (jaxsft.cpu.onednn) with
-    # std::bad_alloc; JAX turns that into a warning on every run. Only that one is silenced,
-    # however the cache was turned on (here by JAX's own setting, not jaxsft's function).
+    # std::bad_alloc; JAX turns that into a warning on every run. jaxsft.cpu.configure()
+    # silences only that one, however the cache was turned on (here by JAX's own setting).
     script = (
         "import sys, warnings, jax, jax.numpy as jnp\n"
+        "import jaxsft.cpu\n"
         "from jaxsft.cpu.conv import conv2d\n"
+        "jaxsft.cpu.configure()\n"
         "jax.config.update('jax_compilation_cache_dir', sys.argv[1])  # JAX's own switch\n"
         "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
         "f = jax.jit(lambda x, k: conv2d(x, k, 1, 1))\n"

@@ -1,11 +1,14 @@
-"""The XLA:CPU flags jaxsft sets at import: when they are added, and that they still work."""
+"""The XLA:CPU set-up `jaxsft.cpu.configure()` does: when the flags are added, that they still
+work, and the one warning it silences."""
 
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
+import jaxsft.cpu
 from jaxsft.cpu import xla_flags
 
 OURS = " ".join(f"--{name}={value}" for name, value in xla_flags.FLAGS.items())
@@ -34,10 +37,25 @@ def test_a_users_own_values_win_and_untested_jaxlibs_are_left_alone():
     assert future == {}
 
 
+def test_configure_sets_the_flags_and_silences_only_onednns_cache_warning():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert jaxsft.cpu.configure(env) == xla_flags.FLAGS  # the installed jaxlib is tested
+        assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=4 {OURS}"
+        prefix = "Error writing persistent compilation cache entry for 'jit_f': "
+        for cause in ("MemoryError: std::bad_alloc",  # an executable calling oneDNN
+                      "OSError: [Errno 28] No space left on device"):
+            warnings.warn(prefix + cause, UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == [prefix + "OSError: [Errno 28] No space left "
+                                                "on device"]
+
+
 CONV_HLO = """
 import os
 import jax, jax.numpy as jnp
-import jaxsft
+import jaxsft.cpu
+jaxsft.cpu.configure()  # before the backend starts
 cpu = jax.devices("cpu")[0]
 x = jax.device_put(jnp.ones((4, 16, 16, 64)), cpu)  # large enough for YNNPACK
 k = jax.device_put(jnp.ones((3, 3, 64, 64)), cpu)

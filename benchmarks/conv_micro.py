@@ -4,9 +4,9 @@
 
 For each distinct convolution of the model (input shape, kernel, stride, padding) it times
 the forward pass, the input gradient and the kernel gradient, for each formulation of
-`jaxsft.models.conv` ("xla": lax.conv_general_dilated; "gemm": taps + matrix product; for the
+`jaxsft.cpu.conv` ("xla": lax.conv_general_dilated; "gemm": taps + matrix product; for the
 kernel gradient also "xla-stored": XLA's convolution on operands transposed from storage; for
-the forward pass and stride-1 input gradients also "onednn", jaxsft.models.onednn) in float32
+the forward pass and stride-1 input gradients also "onednn", jaxsft.cpu.onednn) in float32
 and, with --torch, PyTorch's conv2d (channels_last) with autograd. Rounds alternate between the
 candidates so that load from other processes hits them alike; medians and spread are
 reported, with the choice `choose_algorithms` makes. Timings only: nothing here is a test.
@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxsft.models import create_model, onednn
-from jaxsft.models.conv import (
+from jaxsft import cpu
+from jaxsft.cpu import onednn
+from jaxsft.cpu.conv import (
     GEMM,
     ONEDNN,
     XLA,
@@ -34,12 +35,13 @@ from jaxsft.models.conv import (
     choose_algorithms,
     conv2d,
 )
+from jaxsft.models import create_model
 
 PASSES = ("forward", "input_grad", "kernel_grad")
 
 
 def formulations(which: str, groups: int, strides: tuple[int, int]) -> tuple[str, ...]:
-    """The formulations of `jaxsft.models.conv` that can compute this pass (float32)."""
+    """The formulations of `jaxsft.cpu.conv` that can compute this pass (float32)."""
     if groups != 1:
         return XLA, GEMM
     if which == "kernel_grad":
@@ -135,6 +137,7 @@ def flops(shape: tuple) -> float:
 
 
 def main() -> None:
+    cpu.configure()  # XLA:CPU flags, before JAX starts its backend
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--size", type=int, default=64)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jaxsft import host_memory
+from jaxsft import cpu
 
 FORCE_FLAG = "--xla_force_host_platform_device_count"
 CPU_DEFAULT_DEVICES = 4
@@ -65,7 +65,8 @@ def run(s: Any, counts: Sequence[int] | None, argv: Sequence[str] = (),
     from jaxsft import create_model
 
     load_before = os.getloadavg()
-    model = create_model(s.model, num_classes=s.num_classes, dtype=throughput.DTYPES[s.dtype])
+    model = throughput.accelerated(create_model(s.model, num_classes=s.num_classes,
+                                                dtype=throughput.DTYPES[s.dtype]))
     variables = throughput.init_variables(model, s)  # once, shared by every count
     runs = []
     for n in counts:
@@ -128,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --devices is set by --counts here", file=sys.stderr)
         return 2
     force_host_devices(max(counts) if counts else CPU_DEFAULT_DEVICES)
+    cpu.configure()  # XLA:CPU flags, before JAX starts its backend
 
     from benchmarks import throughput
 
@@ -147,5 +149,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_tuned_malloc()  # both frameworks run in this process: same malloc
+    cpu.reexec_with_tuned_malloc()  # both frameworks run in this process: same malloc
     sys.exit(main())

@@ -46,7 +46,7 @@ import optax
 
 from benchmarks import peaks, torch_loop
 from jaxsft import compilation_cache as cache
-from jaxsft import host_memory
+from jaxsft import cpu
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 QUICK = dict(model="resnet18", image_size=64, batch_size=4, steps=4, warmup=1, rounds=2)
@@ -116,7 +116,8 @@ class JaxLoop:
 
         self.devices = devices
         self.dtype = s.dtype
-        model = create_model(s.model, num_classes=s.num_classes, dtype=DTYPES[s.dtype])
+        model = accelerated(create_model(s.model, num_classes=s.num_classes,
+                                         dtype=DTYPES[s.dtype]))
         t0 = time.perf_counter()
         variables = variables or init_variables(model, s)
         state = TrainState.create(apply_fn=model.apply, params=variables["params"],
@@ -184,6 +185,11 @@ def seed_optimizer(s: Settings, global_batch: int) -> optax.GradientTransformati
     tx, _ = create_optimizer(cfg.optim, total_steps=10**9, steps_per_epoch=1000,
                              batch_size=global_batch)
     return tx
+
+
+def accelerated(model: Any) -> Any:
+    """On the CPU backend, the model with jaxsft's XLA:CPU kernels (what `jaxsft.train` runs)."""
+    return cpu.accelerate(model) if jax.default_backend() == "cpu" else model
 
 
 def init_variables(model: Any, s: Settings) -> dict[str, Any]:
@@ -721,6 +727,7 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    cpu.configure()  # XLA:CPU flags, before JAX starts its backend
     argv = list(sys.argv[1:] if argv is None else argv)
     s, json_path = parse_args(argv)
     # jax and torch share one GPU: keep JAX from preallocating 75% of its memory.
@@ -745,5 +752,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_tuned_malloc()  # both frameworks run in this process: same malloc
+    cpu.reexec_with_tuned_malloc()  # both frameworks run in this process: same malloc
     sys.exit(main())

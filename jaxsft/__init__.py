@@ -1,20 +1,17 @@
 """jaxsft: supervised fine-tuning of pretrained ResNets in pure JAX.
 
 The public names resolve lazily, so `import jaxsft` costs nothing until a name is used,
-and TensorFlow is imported only by the data module, only when data is read. The import does
-one thing: it adds two XLA:CPU speed flags to XLA_FLAGS (jaxsft/xla_cpu.py says which, why,
-and how to keep your own settings).
+and TensorFlow is imported only by the data module, only when data is read. Importing
+jaxsft changes nothing in the host program (no environment variables, JAX config, warning
+filters or hooks). The XLA:CPU speed-ups are one documented opt-in, `jaxsft.cpu`:
+`jaxsft.cpu.configure()` before JAX starts, `jaxsft.cpu.accelerate(model)` on the model.
 """
 
 import importlib
 
-from jaxsft import xla_cpu
-
 __version__ = "0.1.0"
 
-# Before JAX starts a backend: XLA reads its flags once (see jaxsft/xla_cpu.py).
-xla_cpu.apply()
-
+_SUBPACKAGES = ("cpu",)
 _EXPORTS = {
     "create_model": "jaxsft.models",
     "list_models": "jaxsft.models",
@@ -45,10 +42,12 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
+    if name in _SUBPACKAGES:  # `jaxsft.cpu` after a bare `import jaxsft`
+        return importlib.import_module(f"jaxsft.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'jaxsft' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 
 def __dir__():
-    return sorted(list(globals()) + __all__)
+    return sorted(list(globals()) + __all__ + list(_SUBPACKAGES))

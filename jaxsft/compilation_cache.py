@@ -6,7 +6,7 @@ from disk instead. Any entry point can call `enable_compilation_cache()` once, b
 first compilation.
 
 XLA:CPU cannot store executables that call oneDNN (the CPU's float32 steps): those compile
-again each run (see `jaxsft.models.onednn`).
+again each run (see `jaxsft.cpu.onednn`).
 """
 
 from __future__ import annotations

@@ -42,6 +42,10 @@ def predict(workdir: str, images: Sequence[str], checkpoint_step: int | str = "b
                                                    checkpoint_step)
     names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
     model = create_model(cfg.model.model, meta["num_classes"], dtype=jnp.dtype(cfg.model.dtype))
+    if jax.default_backend() == "cpu":
+        from jaxsft import cpu
+
+        model = cpu.accelerate(model)
     batch = np.stack([data.load_image(p, cfg.data) for p in images])
     logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, batch)
     probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))

@@ -115,6 +115,10 @@ def initial_state(cfg: Config, plan: Plan, pretrained: bool = True) -> TrainStat
     `pretrained=False` skips reading --weights: the state is only a target to restore into.
     """
     model = create_model(cfg.model.model, plan.num_classes, dtype=jnp.dtype(cfg.model.dtype))
+    if jax.default_backend() == "cpu":
+        from jaxsft import cpu
+
+        model = cpu.accelerate(model)  # same variables, XLA:CPU's fast kernels
     init_rng, state_rng = jax.random.split(jax.random.key(cfg.run.seed))
     if cfg.model.weights and pretrained:
         variables = load_weights(cfg.model.weights, cfg.model.model,

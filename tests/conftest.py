@@ -9,6 +9,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the CPU-only tests never claim a GPU
 
+import jaxsft.cpu  # noqa: E402
+
+jaxsft.cpu.configure()  # jaxsft's XLA:CPU flags, as the CLIs set them (import sets nothing)
+
 try:  # torchvision must load before TensorFlow: the other order segfaults (triton) here
     import torchvision  # noqa: E402, F401
 except ImportError:

@@ -26,8 +26,9 @@ def quick(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "quick.json"
     cmd = [sys.executable, "-m", "benchmarks.throughput", "--quick", "--no-cache",
            "--cpu-threads", "1", "--peak-tflops", "1.0", "--json", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # its own, not the tests'
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          env={**env, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "jaxsft" in proc.stdout and "torch" in proc.stdout  # the printed table
     return json.loads(out.read_text())
@@ -41,6 +42,8 @@ def test_quick_mode_writes_the_documented_fields(quick):
     assert quick["settings"]["model"] == "resnet18" and quick["settings"]["image_size"] == 64
     assert quick["hardware"]["platform"] == "cpu"
     assert quick["versions"]["jax"] and quick["versions"]["torch"]
+    # It set jaxsft's XLA:CPU flags itself (jaxsft.cpu.configure), as the CLIs do.
+    assert "--xla_cpu_use_fusion_emitters=false" in quick["versions"]["XLA_FLAGS"]
     # The synthetic path runs where TensorFlow is absent: it never imports it.
     assert quick["imported_tensorflow"] is False
     assert list(quick["results"]) == ["jaxsft", "torch", "torch-cl"]
@@ -224,12 +227,14 @@ def test_compilation_cache_stores_and_reuses_executables(tmp_path):
 
 def test_steps_xla_cannot_store_compile_without_a_warning_and_other_failures_still_warn(
         tmp_path):
-    # XLA:CPU fails to serialize executables that call oneDNN (jaxsft.models.onednn) with
-    # std::bad_alloc; JAX turns that into a warning on every run. Only that one is silenced,
-    # however the cache was turned on (here by JAX's own setting, not jaxsft's function).
+    # XLA:CPU fails to serialize executables that call oneDNN (jaxsft.cpu.onednn) with
+    # std::bad_alloc; JAX turns that into a warning on every run. jaxsft.cpu.configure()
+    # silences only that one, however the cache was turned on (here by JAX's own setting).
     script = (
         "import sys, warnings, jax, jax.numpy as jnp\n"
-        "from jaxsft.models.conv import conv2d\n"
+        "import jaxsft.cpu\n"
+        "from jaxsft.cpu.conv import conv2d\n"
+        "jaxsft.cpu.configure()\n"
         "jax.config.update('jax_compilation_cache_dir', sys.argv[1])  # JAX's own switch\n"
         "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
         "f = jax.jit(lambda x, k: conv2d(x, k, 1, 1))\n"

@@ -1,4 +1,4 @@
-"""jaxsft.models.conv against lax.conv_general_dilated, torch and flax.linen.
+"""jaxsft.cpu.conv against lax.conv_general_dilated, torch and flax.linen.
 
 Every formulation of every pass (forced through `algorithms`) must compute the same function
 as XLA's convolution: to ~1e-12 in float64, to float32 rounding otherwise.
@@ -16,7 +16,7 @@ import torch
 from helpers import fusion_operand_counts
 from jax import export, lax
 
-from jaxsft.models.conv import (
+from jaxsft.cpu.conv import (
     ALGORITHMS,
     KERNEL_GRAD_ALGORITHMS,
     Algorithms,

@@ -6,19 +6,19 @@ import subprocess
 import sys
 import textwrap
 
-from jaxsft import host_memory
+from jaxsft.cpu import malloc
 
-TUNED = ":".join(host_memory.TUNABLES)
+TUNED = ":".join(malloc.TUNABLES)
 
 
 def test_tunables_are_added_once_and_the_users_own_malloc_settings_win():
-    assert host_memory.tuned_environ({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": TUNED}
+    assert malloc.tuned_environ({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": TUNED}
     other = {"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"}
     want = f"glibc.cpu.hwcaps=-AVX512F:{TUNED}"
-    assert host_memory.tuned_environ(other)["GLIBC_TUNABLES"] == want
-    assert host_memory.tuned_environ({"GLIBC_TUNABLES": TUNED}) is None  # after re-executing
-    assert host_memory.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None
-    assert host_memory.tuned_environ({host_memory.OPT_OUT: "system"}) is None
+    assert malloc.tuned_environ(other)["GLIBC_TUNABLES"] == want
+    assert malloc.tuned_environ({"GLIBC_TUNABLES": TUNED}) is None  # after re-executing
+    assert malloc.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None
+    assert malloc.tuned_environ({malloc.OPT_OUT: "system"}) is None
 
 
 # A command-line entry point that reports its pid, its GLIBC_TUNABLES and how many page
@@ -64,6 +64,6 @@ def test_the_entry_point_reexecutes_itself_once_with_freed_memory_kept():
 
 
 def test_with_the_opt_out_glibc_returns_freed_memory_and_faults_it_in_again():
-    _, _, tunables, faults, _ = run_entry_point({host_memory.OPT_OUT: "system"})
+    _, _, tunables, faults, _ = run_entry_point({malloc.OPT_OUT: "system"})
     assert tunables is None
     assert min(faults) > 60_000  # 256 MB / 4 KiB pages, every time

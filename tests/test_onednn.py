@@ -1,4 +1,4 @@
-"""jaxsft.models.onednn: oneDNN's convolution through XLA:CPU's custom call.
+"""jaxsft.cpu.onednn: oneDNN's convolution through XLA:CPU's custom call.
 
 oneDNN has no float64 convolution, so its float32 results are checked against XLA's
 convolution of the same values in float64: its error must be float32 rounding, of the size of
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxsft.models import onednn
-from jaxsft.models.conv import Algorithms, choose_algorithms, conv2d
+from jaxsft.cpu import onednn
+from jaxsft.cpu.conv import Algorithms, choose_algorithms, conv2d
 
 DN = ("NHWC", "HWIO", "NHWC")
 # (batch, height, width, in, out, kernel, stride, padding): ResNet's 3x3 and 7x7 stem, stride 2,
@@ -93,7 +93,7 @@ def test_default_choice_puts_large_float32_maps_on_onednn_and_compiles_its_call(
 
 
 def test_a_jaxlib_whose_runtime_was_not_tested_keeps_xla(monkeypatch):
-    monkeypatch.setattr(onednn.xla_cpu, "jaxlib_version", lambda: "0.11.0")
+    monkeypatch.setattr(onednn.xla_flags, "jaxlib_version", lambda: "0.11.0")
     onednn._runtime_tested.cache_clear()
     try:
         assert not onednn.available(jnp.float32)

@@ -4,7 +4,8 @@ torchvision resnet18 with a fixed seed (BatchNorm affine and running statistics 
 as a pretrained network's are), free-running for 10 steps on the same batches in both
 frameworks. In float64 every step's loss, the final parameters and the final running
 statistics agree to a relative 1e-10; in float32 rounding flips ReLU/max-pool near-ties, so
-only the losses are compared, loosely.
+only the losses are compared, loosely. The model is the one `jaxsft.train` runs on the CPU,
+`jaxsft.cpu.accelerate`d; the plain Flax model is checked in float64 with the seed's settings.
 
 40x40 inputs: layer4 sees 2x2 maps, so its BatchNorm normalises 32 values per channel. At
 32x32 (1x1 maps, 8 values) the dynamics amplify rounding ~10x a step and float64 runs part by
@@ -23,6 +24,7 @@ import torch
 import torchvision
 from helpers import assert_trees_close, randomize_batchnorm
 
+from jaxsft import cpu
 from jaxsft.config import OptimConfig
 from jaxsft.models import create_model
 from jaxsft.optim import create_optimizer
@@ -74,9 +76,12 @@ def torch_seed_loop(path, images, labels, *, dtype, lr, momentum=0.9, weight_dec
     return np.array(losses), model.state_dict()
 
 
-def jax_loop(path, images, labels, *, dtype, cfg: OptimConfig, label_smoothing=0.0):
+def jax_loop(path, images, labels, *, dtype, cfg: OptimConfig, label_smoothing=0.0,
+             accelerated=True):
     variables = load_weights(path, arch="resnet18", dtype=dtype)
     model = create_model("resnet18", num_classes=CLASSES, dtype=dtype)
+    if accelerated:
+        model = cpu.accelerate(model)
     tx, _ = create_optimizer(cfg, total_steps=STEPS, steps_per_epoch=STEPS, batch_size=BATCH)
     state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], tx=tx)
@@ -97,8 +102,12 @@ SEED_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(SEED_CASES))
-def test_float64_parity_with_seed_loop(case, seed_run, x64):
+F64_RUNS = [*((case, True) for case in SEED_CASES), ("seed", False)]
+
+
+@pytest.mark.parametrize("case, accelerated", F64_RUNS,
+                         ids=[f"{c}-{'accelerated' if a else 'plain'}" for c, a in F64_RUNS])
+def test_float64_parity_with_seed_loop(case, accelerated, seed_run, x64):
     path, images, labels = seed_run
     opts = SEED_CASES[case]
     cfg = OptimConfig(lr=opts["lr"], momentum=opts["momentum"],
@@ -108,7 +117,7 @@ def test_float64_parity_with_seed_loop(case, seed_run, x64):
     torch_losses, torch_final = torch_seed_loop(path, images, labels,
                                                 dtype=torch.float64, **opts)
     jax_losses, state = jax_loop(path, images, labels, dtype=jnp.float64, cfg=cfg,
-                                 label_smoothing=ls)
+                                 label_smoothing=ls, accelerated=accelerated)
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-10)
     final = from_torch_state_dict(torch_final, "resnet18")
     initial = load_weights(path, arch="resnet18")

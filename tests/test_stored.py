@@ -1,4 +1,4 @@
-"""jaxsft.models.stored: the ReLU whose gradient reads the stored output, against nn.relu."""
+"""jaxsft.cpu.stored: the ReLU whose gradient reads the stored output, against nn.relu."""
 
 import re
 
@@ -8,7 +8,7 @@ import numpy as np
 from flax import linen as nn
 from helpers import fusion_operand_counts
 
-from jaxsft.models.stored import from_storage, relu
+from jaxsft.cpu.stored import from_storage, relu
 
 
 def test_relu_value_and_gradients_match_flax_in_float64(x64):

@@ -3,20 +3,25 @@
 Module names follow torchvision's state-dict keys (`layer1.0.conv1` is `layer1_0/conv1`), so
 weight conversion is a renaming plus transposes. Padding is explicit and symmetric where
 torchvision's is: Flax's 'SAME' pads asymmetrically for stride 2 and would shift every map.
+
+The convolution, activation and max pool are module fields, as in flax's own ResNet
+(examples/imagenet): plain Flax by default, so a backend's kernels plug in from outside
+without this module importing them (`jaxsft.cpu.accelerate` swaps in XLA:CPU's). Any
+replacement keeps the parameters ("kernel", HWIO, no bias), so variables are interchangeable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxsft.models.conv import Conv, max_pool
 from jaxsft.models.norm import batch_norm_train, normalize
-from jaxsft.models.stored import relu
+
+ModuleDef = Any  # a flax.linen.Module class, or a partial of one
 
 # torch's BatchNorm momentum 0.1 is Flax's 0.9: running = 0.9 * running + 0.1 * batch.
 BN_MOMENTUM = 0.9
@@ -27,6 +32,12 @@ BN_EPSILON = 1e-5
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
 dense_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 0) -> jax.Array:
+    """NHWC max pooling with symmetric -inf padding: torch.nn.functional.max_pool2d."""
+    return nn.max_pool(x, (window, window), (stride, stride),
+                       ((padding, padding), (padding, padding)))
 
 
 def param_dtype_for(dtype: Any) -> Any:
@@ -102,6 +113,8 @@ class _Block(nn.Module):
     dtype: Any = jnp.float32
     train: bool = False
     axis_name: str | None = None
+    conv: ModuleDef = nn.Conv
+    act: Callable[[jax.Array], jax.Array] = nn.relu
 
 
 class BasicBlock(_Block):
@@ -109,10 +122,11 @@ class BasicBlock(_Block):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv, norm = _layers(self.dtype, self.train, self.axis_name)
-        out = relu(norm(name="bn1")(conv(self.planes, 3, self.stride, name="conv1")(x)))
+        conv, norm = _layers(self.conv, self.dtype, self.train, self.axis_name)
+        act = self.act
+        out = act(norm(name="bn1")(conv(self.planes, 3, self.stride, name="conv1")(x)))
         out = norm(name="bn2")(conv(self.planes, 3, 1, name="conv2")(out))
-        return relu(out + _shortcut(self, x, conv, norm))
+        return act(out + _shortcut(self, x, conv, norm))
 
 
 class Bottleneck(_Block):
@@ -122,24 +136,26 @@ class Bottleneck(_Block):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv, norm = _layers(self.dtype, self.train, self.axis_name)
+        conv, norm = _layers(self.conv, self.dtype, self.train, self.axis_name)
+        act = self.act
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
-        out = relu(norm(name="bn1")(conv(width, 1, 1, name="conv1")(x)))
+        out = act(norm(name="bn1")(conv(width, 1, 1, name="conv1")(x)))
         out = conv(width, 3, self.stride, groups=self.groups, name="conv2")(out)
-        out = relu(norm(name="bn2")(out))
+        out = act(norm(name="bn2")(out))
         out = norm(name="bn3")(conv(self.planes * 4, 1, 1, name="conv3")(out))
-        return relu(out + _shortcut(self, x, conv, norm))
+        return act(out + _shortcut(self, x, conv, norm))
 
 
-def _layers(dtype: Any, train: bool, axis_name: str | None):
+def _layers(conv_def: ModuleDef, dtype: Any, train: bool, axis_name: str | None):
     """Conv and BatchNorm factories with torchvision's padding, init and BN constants."""
     pdtype = param_dtype_for(dtype)
 
     def conv(features: int, k: int, stride: int, groups: int = 1, name: str | None = None):
         pad = k // 2  # torchvision: 7x7 pad 3, 3x3 pad 1, 1x1 pad 0, all symmetric
-        return Conv(features, (k, k), (stride, stride), padding=((pad, pad), (pad, pad)),
-                    feature_group_count=groups, dtype=dtype, param_dtype=pdtype,
-                    kernel_init=conv_init, name=name)
+        return conv_def(features=features, kernel_size=(k, k), strides=(stride, stride),
+                        padding=((pad, pad), (pad, pad)), feature_group_count=groups,
+                        use_bias=False, dtype=dtype, param_dtype=pdtype, kernel_init=conv_init,
+                        name=name)
 
     def norm(name: str | None = None):
         return BatchNorm(use_running_average=not train, axis_name=axis_name, dtype=dtype,
@@ -160,6 +176,8 @@ class ResNet(nn.Module):
 
     `__call__(x, train, axis_name)`: x is NHWC; `train=True` uses batch statistics and needs
     `mutable=["batch_stats"]`; `axis_name` synchronises those statistics across devices.
+    `conv` (called as `flax.linen.Conv` with `use_bias=False`), `act` and `pool` (called as
+    `max_pool(x, window, stride, padding)`) are where backend-specific kernels plug in.
     """
 
     block: type[nn.Module]
@@ -168,19 +186,23 @@ class ResNet(nn.Module):
     groups: int = 1
     width_per_group: int = 64
     dtype: Any = jnp.float32
+    conv: ModuleDef = nn.Conv
+    act: Callable[[jax.Array], jax.Array] = nn.relu
+    pool: Callable[..., jax.Array] = max_pool
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False,
                  axis_name: str | None = None) -> jax.Array:
-        conv, norm = _layers(self.dtype, train, axis_name)
+        conv, norm = _layers(self.conv, self.dtype, train, axis_name)
         x = x.astype(self.dtype)
-        x = relu(norm(name="bn1")(conv(64, 7, 2, name="conv1")(x)))
-        x = max_pool(x, window=3, stride=2, padding=1)
+        x = self.act(norm(name="bn1")(conv(64, 7, 2, name="conv1")(x)))
+        x = self.pool(x, window=3, stride=2, padding=1)
         for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), self.layers), 1):
             for i in range(blocks):
                 stride = 2 if stage > 1 and i == 0 else 1
                 x = self.block(planes, stride, self.groups, self.width_per_group, self.dtype,
-                               train, axis_name, name=f"layer{stage}_{i}")(x)
+                               train, axis_name, conv=self.conv, act=self.act,
+                               name=f"layer{stage}_{i}")(x)
         x = x.mean(axis=(1, 2))
         x = classifier(self.num_classes, x.shape[-1], self.dtype)(x)
         return x.astype(jnp.promote_types(x.dtype, jnp.float32))

@@ -17,8 +17,9 @@ from XLA's by float32 rounding (tests/test_onednn.py bounds it against float64).
 
 XLA:CPU cannot serialize an executable that contains the call: with JAX's persistent
 compilation cache on (the CLIs turn it on), storing one fails with `std::bad_alloc` and JAX
-warns on every run. Those executables simply compile each run (seconds on a CPU), so this
-module silences exactly that warning; any other failure to write a cache entry still warns.
+warns on every run. Those executables simply compile each run (seconds on a CPU), so
+`jaxsft.cpu.configure()` silences exactly that warning; any other failure to write a cache
+entry still warns.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import warnings
 from collections.abc import Sequence
 
 import jax
@@ -36,7 +36,7 @@ from jax._src.interpreters.mlir import custom_call  # api_version 1 calls: not i
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from jaxsft import xla_cpu
+from jaxsft.cpu import xla_flags
 
 __all__ = ["available", "conv", "input_grad"]
 
@@ -51,15 +51,10 @@ HWOI = (3, 2, 0, 1)  # an HWIO array read with its feature axes swapped
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
-# JAX's warning when XLA:CPU fails to serialize an executable with this call in it.
-UNSERIALIZABLE = (r"Error writing persistent compilation cache entry for '[^']*': "
-                  r"MemoryError: std::bad_alloc")
-warnings.filterwarnings("ignore", message=UNSERIALIZABLE, category=UserWarning)
-
 
 @functools.cache
 def _runtime_tested() -> bool:
-    return xla_cpu.is_tested(TESTED_JAXLIB)
+    return xla_flags.is_tested(TESTED_JAXLIB)
 
 
 def available(dtype) -> bool:

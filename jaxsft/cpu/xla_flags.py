@@ -1,4 +1,4 @@
-"""XLA:CPU settings that make training steps ~1.4x faster, applied when jaxsft is imported.
+"""XLA:CPU flags that make training steps ~1.4x faster (set by `jaxsft.cpu.configure()`).
 
 Two flags, each measured on ResNet training steps in benchmarks/cpu_notes.md:
 
@@ -16,10 +16,10 @@ computed: a convolution's rounding may differ between Eigen and YNNPACK, never m
 between two orders of summation, and the parity tests against torchvision pass either way.
 
 XLA reads XLA_FLAGS once, when JAX starts its first backend, so the flags count only when
-jaxsft is imported before the first JAX computation (the CLIs always are). A flag you set
-yourself in XLA_FLAGS (to any value) keeps your value. The flags are experimental: they are
-added only for jaxlib versions they were tested with, because XLA aborts on a flag it does
-not know.
+`jaxsft.cpu.configure()` runs before the first JAX computation (the CLIs and benchmarks call
+it first; importing jaxsft sets nothing). A flag you set yourself in XLA_FLAGS (to any value)
+keeps your value. The flags are experimental: they are added only for jaxlib versions they
+were tested with, because XLA aborts on a flag it does not know.
 """
 
 from __future__ import annotations

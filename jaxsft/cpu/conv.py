@@ -12,7 +12,7 @@ XLA:CPU recomputes BatchNorm and ReLU inside those transposes; the "xla-stored" 
 gradient writes that convolution out with the transposes made from stored values.
 
 On large float32 maps the forward pass and the stride-1 input gradient go to oneDNN's direct
-convolution instead (`jaxsft.models.onednn`: XLA:CPU's own oneDNN custom call, 1.2-1.7x
+convolution instead (`jaxsft.cpu.onednn`: XLA:CPU's own oneDNN custom call, 1.2-1.7x
 faster than its Eigen convolution there).
 
 `conv2d` picks, per pass (forward, input gradient, kernel gradient) and per shape, XLA's
@@ -34,13 +34,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from jaxsft.models import onednn
-from jaxsft.models.stored import from_storage
+from jaxsft.cpu import onednn
+from jaxsft.cpu.stored import from_storage
 
 XLA = "xla"
 GEMM = "gemm"
 XLA_STORED = "xla-stored"  # kernel gradient only: see _stored_kernel_grad
-ONEDNN = "onednn"  # forward and stride-1 input gradient, float32 only: see jaxsft.models.onednn
+ONEDNN = "onednn"  # forward and stride-1 input gradient, float32 only: see jaxsft.cpu.onednn
 ALGORITHMS = (XLA, GEMM)
 KERNEL_GRAD_ALGORITHMS = (XLA, GEMM, XLA_STORED)
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -60,7 +60,7 @@ class Algorithms(NamedTuple):
 
     The kernel gradient may also be "xla-stored": XLA's convolution on operands transposed
     from their stored values (see `_stored_kernel_grad`); the forward pass and a stride-1
-    input gradient may be "onednn" (float32 on the CPU, `jaxsft.models.onednn`).
+    input gradient may be "onednn" (float32 on the CPU, `jaxsft.cpu.onednn`).
     """
 
     forward: str = XLA
@@ -274,7 +274,7 @@ def _stored_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
 
     This is the convolution autodiff emits (x as [C, H, W, N] images, g as an [Ho, Wo, N, O]
     kernel dilated by the stride, output [C, kh, kw, O]), with both operand transposes made
-    explicit and computed from the stored x and g (`jaxsft.models.stored`). Left to autodiff,
+    explicit and computed from the stored x and g (`jaxsft.cpu.stored`). Left to autodiff,
     XLA:CPU fuses each activation's BatchNorm, residual add and ReLU (up to two blocks deep)
     into the transpose that feeds this convolution and recomputes them for every strided
     element: 5-20x the time of the transpose alone.

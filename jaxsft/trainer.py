@@ -114,7 +114,8 @@ def initial_state(cfg: Config, plan: Plan, pretrained: bool = True) -> TrainStat
 
     `pretrained=False` skips reading --weights: the state is only a target to restore into.
     """
-    model = create_model(cfg.model.model, plan.num_classes, dtype=jnp.dtype(cfg.model.dtype))
+    model = create_model(cfg.model.model, plan.num_classes, dtype=jnp.dtype(cfg.model.dtype),
+                         bn_momentum=plan.bn_momentum)
     if jax.default_backend() == "cpu":
         from jaxsft import cpu
 

@@ -150,7 +150,8 @@ def test_epoch_progress_opens_a_bar_per_epoch_and_closes_it_at_the_epoch_end():
 def _plan(**fields):
     info = types.SimpleNamespace(eval_split=fields.pop("eval_split", "test"))
     base = dict(info=info, num_classes=3, steps_per_epoch=5, total_steps=12, eval_every=4,
-                checkpoint_every=6, log_every=3, bn_mode="train", tx=None, schedule=None)
+                checkpoint_every=6, log_every=3, bn_mode="train", probe_steps=0,
+                bn_momentum=0.1, tx=None, schedule=None)
     return trainer.Plan(**{**base, **fields})
 
 

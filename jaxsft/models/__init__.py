@@ -31,8 +31,10 @@ def list_models() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
-def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32) -> ResNet:
-    """A Flax ResNet taking NHWC float images; `dtype` is the compute dtype.
+def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32,
+                 bn_momentum: float = 0.1) -> ResNet:
+    """A Flax ResNet taking NHWC float images; `dtype` is the compute dtype, `bn_momentum`
+    torch's BatchNorm momentum (0.1, torch's default).
 
     Parameters are float32 whatever the compute dtype (bf16 on accelerators), except that
     float64 compute (JAX x64 mode) keeps float64 parameters, for exact parity tests.
@@ -41,4 +43,7 @@ def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32) -
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     if num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    return ResNet(num_classes=num_classes, dtype=jnp.dtype(dtype).type, **ARCHITECTURES[name])
+    if not 0 < bn_momentum <= 1:
+        raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
+    return ResNet(num_classes=num_classes, dtype=jnp.dtype(dtype).type, bn_momentum=bn_momentum,
+                  **ARCHITECTURES[name])

@@ -24,7 +24,8 @@ from jaxsft.models.norm import batch_norm_train, normalize
 ModuleDef = Any  # a flax.linen.Module class, or a partial of one
 
 # torch's BatchNorm momentum 0.1 is Flax's 0.9: running = 0.9 * running + 0.1 * batch.
-BN_MOMENTUM = 0.9
+TORCH_BN_MOMENTUM = 0.1
+BN_MOMENTUM = 1 - TORCH_BN_MOMENTUM
 BN_EPSILON = 1e-5
 
 # torchvision's init: kaiming_normal_(mode="fan_out", nonlinearity="relu"); "normal" is
@@ -115,6 +116,7 @@ class _Block(nn.Module):
     axis_name: str | None = None
     conv: ModuleDef = nn.Conv
     act: Callable[[jax.Array], jax.Array] = nn.relu
+    bn_momentum: float = TORCH_BN_MOMENTUM
 
 
 class BasicBlock(_Block):
@@ -122,7 +124,8 @@ class BasicBlock(_Block):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv, norm = _layers(self.conv, self.dtype, self.train, self.axis_name)
+        conv, norm = _layers(self.conv, self.dtype, self.train, self.axis_name,
+                             self.bn_momentum)
         act = self.act
         out = act(norm(name="bn1")(conv(self.planes, 3, self.stride, name="conv1")(x)))
         out = norm(name="bn2")(conv(self.planes, 3, 1, name="conv2")(out))
@@ -136,7 +139,8 @@ class Bottleneck(_Block):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv, norm = _layers(self.conv, self.dtype, self.train, self.axis_name)
+        conv, norm = _layers(self.conv, self.dtype, self.train, self.axis_name,
+                             self.bn_momentum)
         act = self.act
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         out = act(norm(name="bn1")(conv(width, 1, 1, name="conv1")(x)))
@@ -146,8 +150,10 @@ class Bottleneck(_Block):
         return act(out + _shortcut(self, x, conv, norm))
 
 
-def _layers(conv_def: ModuleDef, dtype: Any, train: bool, axis_name: str | None):
-    """Conv and BatchNorm factories with torchvision's padding, init and BN constants."""
+def _layers(conv_def: ModuleDef, dtype: Any, train: bool, axis_name: str | None,
+            bn_momentum: float):
+    """Conv and BatchNorm factories with torchvision's padding, init and BN constants
+    (`bn_momentum` in torch's convention)."""
     pdtype = param_dtype_for(dtype)
 
     def conv(features: int, k: int, stride: int, groups: int = 1, name: str | None = None):
@@ -158,8 +164,8 @@ def _layers(conv_def: ModuleDef, dtype: Any, train: bool, axis_name: str | None)
                         name=name)
 
     def norm(name: str | None = None):
-        return BatchNorm(use_running_average=not train, axis_name=axis_name, dtype=dtype,
-                         param_dtype=pdtype, name=name)
+        return BatchNorm(use_running_average=not train, axis_name=axis_name,
+                         momentum=1 - bn_momentum, dtype=dtype, param_dtype=pdtype, name=name)
 
     return conv, norm
 
@@ -178,6 +184,7 @@ class ResNet(nn.Module):
     `mutable=["batch_stats"]`; `axis_name` synchronises those statistics across devices.
     `conv` (called as `flax.linen.Conv` with `use_bias=False`), `act` and `pool` (called as
     `max_pool(x, window, stride, padding)`) are where backend-specific kernels plug in.
+    `bn_momentum` is torch's BatchNorm momentum (0.1: running = 0.9 running + 0.1 batch).
     """
 
     block: type[nn.Module]
@@ -189,11 +196,12 @@ class ResNet(nn.Module):
     conv: ModuleDef = nn.Conv
     act: Callable[[jax.Array], jax.Array] = nn.relu
     pool: Callable[..., jax.Array] = max_pool
+    bn_momentum: float = TORCH_BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False,
                  axis_name: str | None = None) -> jax.Array:
-        conv, norm = _layers(self.conv, self.dtype, train, axis_name)
+        conv, norm = _layers(self.conv, self.dtype, train, axis_name, self.bn_momentum)
         x = x.astype(self.dtype)
         x = self.act(norm(name="bn1")(conv(64, 7, 2, name="conv1")(x)))
         x = self.pool(x, window=3, stride=2, padding=1)
@@ -202,7 +210,7 @@ class ResNet(nn.Module):
                 stride = 2 if stage > 1 and i == 0 else 1
                 x = self.block(planes, stride, self.groups, self.width_per_group, self.dtype,
                                train, axis_name, conv=self.conv, act=self.act,
-                               name=f"layer{stage}_{i}")(x)
+                               bn_momentum=self.bn_momentum, name=f"layer{stage}_{i}")(x)
         x = x.mean(axis=(1, 2))
         x = classifier(self.num_classes, x.shape[-1], self.dtype)(x)
         return x.astype(jnp.promote_types(x.dtype, jnp.float32))

@@ -146,16 +146,12 @@ def _train_batches(
 
     spe = steps_per_epoch(source.info, cfg)
     shard = Shard(cfg.train_split, process_index, process_count, local)
-    if min(source.shard_sizes(cfg.train_split, process_count)) < spe * local:
-        raise DataError(f"a process's part of {cfg.train_split} holds fewer than {spe} "
-                        f"batches of {local}: the split's metadata is inconsistent; prepare "
-                        f"{cfg.dataset} again")
 
-    def stream(skipped: SkippedImages) -> Iterator[dict[str, np.ndarray]]:
+    def stream() -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
         ds = train_stream(source, cfg, shard, seed=seed, start_step=start_step,
-                                   steps_per_epoch=spe)
+                          steps_per_epoch=spe)
         for raw in ds.as_numpy_iterator():
-            yield _assemble(raw, cfg, source.info, num_devices, skipped)
+            yield _assemble(raw, cfg, source.info, num_devices)
 
     return Batches(stream)
 
@@ -187,17 +183,16 @@ def _eval_batches(
     shard = Shard(split, process_index, process_count, local)
     num_batches = math.ceil(max(source.shard_sizes(split, process_count)) / local)
 
-    def stream(skipped: SkippedImages) -> Iterator[dict[str, np.ndarray]]:
+    def stream() -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
         seen = 0
         for raw in eval_pass(source, cfg, shard).as_numpy_iterator():
             seen += 1
             if seen > num_batches:  # every process must run the same number of eval steps
                 raise DataError(f"the {split} split of {cfg.dataset} holds more examples than "
                                 "its metadata says: prepare the data set again")
-            yield _assemble(_pad(raw, local), cfg, source.info, num_devices, skipped)
+            yield _assemble(_pad(raw, local), cfg, source.info, num_devices)
         for _ in range(num_batches - seen):
-            yield _assemble(_pad(None, local, cfg.image_size), cfg, source.info, num_devices,
-                            skipped)
+            yield _assemble(_pad(None, local, cfg.image_size), cfg, source.info, num_devices)
 
     return Batches(stream)
 
@@ -216,10 +211,10 @@ def _pad(raw: dict[str, np.ndarray] | None, size: int, image_size: int = 0) -> d
 
 
 def _assemble(
-    raw: dict[str, np.ndarray], cfg: DataConfig, info: DatasetInfo, num_devices: int,
-    skipped: SkippedImages,
-) -> dict[str, np.ndarray]:
-    """Checks a host batch (labels, unreadable images) and lays it out as [D, B/D, ...]."""
+    raw: dict[str, np.ndarray], cfg: DataConfig, info: DatasetInfo, num_devices: int
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Checks a host batch (labels, unreadable images) and lays it out as [D, B/D, ...];
+    returns it with the ids of its unreadable images (counted when the batch is used)."""
     real = raw.get("real", np.ones(len(raw["label"]), bool))
     ids = [i.decode(errors="replace") if isinstance(i, bytes) else str(i) for i in raw["id"]]
     labels = raw["label"]
@@ -234,10 +229,9 @@ def _assemble(
     if unreadable and cfg.strict_images:
         raise DataError(f"cannot read or decode image {unreadable[0]}: remove or replace it, "
                         "or drop --strict-images to skip unreadable images")
-    skipped.add(unreadable)
     mask = (real & raw["ok"]).astype(np.float32)
     batch = {"image": raw["image"], "label": labels.astype(np.int32), "mask": mask}
-    return {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in batch.items()}
+    return {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in batch.items()}, unreadable
 
 
 def load_image(path: str, cfg: DataConfig) -> np.ndarray:
@@ -277,8 +271,12 @@ def device_prefetch(
             shardings[d] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
         return jax.device_put(batch, shardings[d])
 
-    it = iter(batches)
-    queue = collections.deque(put(b) for b in itertools.islice(it, size))
+    # A Batches counts a batch's unreadable images when the batch is used, not when fetched.
+    it = batches.staged() if isinstance(batches, Batches) else ((b, None) for b in batches)
+    queue = collections.deque((put(b), use) for b, use in itertools.islice(it, size))
     while queue:
-        yield queue.popleft()
-        queue.extend(put(b) for b in itertools.islice(it, 1))
+        batch, use = queue.popleft()
+        if use is not None:
+            use()
+        yield batch
+        queue.extend((put(b), use) for b, use in itertools.islice(it, 1))

@@ -6,6 +6,7 @@ the ones below it:
 - `runtime`: how TensorFlow runs in this process: `quiet_tensorflow` (environment settings
   a CLI makes before TensorFlow starts) and `tensorflow` (imports it, hidden from the GPUs);
 - `folder`: the scan of an image folder (no TensorFlow);
+- `sampler`: the index sampler, which examples make each global training batch (numpy only);
 - the TensorFlow side: `transforms` (torchvision's preprocessing as TF ops), `digits` (the
   built-in data set), `sources` (TFDS builder or folder behind one interface), `pipeline`
   (tf.data: decode, augment, batch);
@@ -29,25 +30,47 @@ Sources (`DataConfig.dataset`):
 Batches are dicts of numpy arrays: "image" float32 [D, B/D, H, W, 3] (ImageNet-normalised),
 "label" int32 [D, B/D] and "mask" float32 [D, B/D] (1 = a real, readable example), where D is
 the number of local devices and B the per-process batch (`batch_size / process_count`; each
-process reads only its own part of every split).
+process reads only its own part of every batch).
 
 Preprocessing is torchvision's (jaxsft/data/transforms.py): train `imagenet` =
 RandomResizedCrop(size, (0.08, 1), (3/4, 4/3)) + horizontal flip, `light` = the eval view +
 RandomCrop(size, padding=size//8) + flip, `none` = the eval view; eval = Resize(size /
 crop_ratio) + CenterCrop(size); bilinear with antialiasing; grayscale and RGBA -> RGB.
 
-Reproducibility: `train_batches(cfg, seed=s, start_step=k)` yields exactly the batches that
-`start_step=0` yields from the k-th on, bit for bit, so a resumed run sees the data it would
-have seen. No state carries across epochs: epoch e = k // steps_per_epoch reads its records
-in an order keyed by (s, process, e) (a folder's files permuted; a TFDS split in its fixed
-file order, which TFDS shuffled at preparation), through a shuffle buffer seeded the same
-way (the whole shard if it fits in --shuffle-buffer, and always with --cache), skips
-k % steps_per_epoch batches before decoding anything, and draws each example's augmentation
-from a stateless key (s, process, e, example index).
+Reproducibility contract. The global training batch at step k is a function of (data set,
+split, preprocessing settings, seed s, global batch size, k) only, never of how many
+processes or devices read it (jaxsft.data.sampler):
+- epoch e = k // steps_per_epoch visits the split's examples in a permutation seeded by
+  (s, e); global batch k is the next `batch_size` of them (the epoch's remainder dropped);
+- process p of P reads the contiguous slice [p*B, (p+1)*B) of every global batch (B =
+  batch_size / P) and splits it over its local devices in order, so the processes' batches
+  concatenated are the global batch, bit for bit, on 1 x 4, 2 x 2 or 1 x 1 devices;
+- each example's augmentation is drawn from a stateless key of (s, e, its index in the
+  split), never of the process, and decoding does not depend on the batch's neighbours;
+- `start_step=k` yields exactly the batches k, k+1, ... of `start_step=0`, whatever the
+  process count of either: a checkpoint's data position is the global step, and the steps
+  before k are skipped without reading or decoding anything (random-access sources).
+Random access: folders (the file list), TFDS data sets prepared as ArrayRecord
+(`tfds.data_source`), and tfrecord-prepared train splits up to 1 GiB, read once into memory
+(one INFO line). A larger tfrecord split is streamed (one WARNING line naming the fix:
+`tfds build NAME --file_format=array_record`): every process reads all of it each epoch, in
+its fixed order, through a shuffle buffer of `--shuffle-buffer` examples seeded by (s, e),
+batches it globally and keeps its slice; the same guarantee holds, but the shuffle is only
+as wide as the buffer, resuming re-reads (not decodes) the epoch's skipped part, and the
+reading is P times the split. `--shuffle-buffer` matters only there. `--cache` decodes the
+whole train split once per process, keeps its pixels in memory and augments from them (the
+same examples and keys; small data sets only). The permutation is NumPy's PCG64
+`permutation`, the keys TensorFlow's Philox: the same versions give the same stream.
+What is not guaranteed: the trajectory of a run on another topology is the same data, but
+the gradient and BatchNorm reductions run in another order; in float32 the rounding
+differences grow slowly until runs part; in float64 they stay within 1e-10 relative over the
+few steps tests/test_multihost.py runs (exact in that sense).
 
 Unreadable images (corrupt, truncated, not an image) never stop a run: each becomes a
 masked example (mask 0, a black image), is logged once by name, and is counted in the
-iterator's `skipped` (a `SkippedImages`: `count` occurrences, `ids` the distinct names).
+iterator's `skipped` (a `SkippedImages`: `count` occurrences, `ids` the distinct names),
+once each time its batch is used: when `next` hands the batch out, or, through
+`device_prefetch`, when the batch goes to the step (batches fetched ahead are not counted).
 With `--strict-images` the first one raises a DataError naming it. In training, the masked
 example still occupies its slot (so the batch stream never shifts); it is excluded from the
 loss and metrics by the mask but does enter the BatchNorm batch statistics as a zero input.

@@ -1,6 +1,6 @@
-"""tf.data pipelines: records of one process's shard -> decoded, augmented, batched examples.
+"""tf.data pipelines: a process's part of each batch -> decoded, augmented, batched examples.
 
-The top of the TensorFlow side of jaxsft.data: it imports sources, transforms and types,
+The top of the TensorFlow side of jaxsft.data: it imports sampler, sources, transforms and types,
 and only jaxsft.data's API imports it (after `runtime.tensorflow()` hid the GPUs).
 
 Every element carries "ok" (False for an image that could not be read or decoded: it is
@@ -10,12 +10,11 @@ are ignored, followed by a fallback element, of which the first is taken. So a c
 costs one masked example, never the run, and the batch structure (hence exact resumption)
 does not depend on which files are corrupt.
 
-Train epochs are exactly reproducible: the shard's records come in an order keyed by
-(seed, process, epoch) (a permutation of a folder's files; a TFDS split's fixed order, which
-TFDS shuffled when it prepared the data), pass a shuffle buffer seeded the same way (the
-whole shard when it fits in --shuffle-buffer, or with --cache), are skipped to the resume
-point *before* decoding (cheap), and each example's augmentation is keyed by (seed, process,
-epoch, index). No state carries from one epoch to the next.
+Training batches follow the index sampler (jaxsft.data.sampler) over the source's random
+access, or, for a split without it, a seeded shuffle buffer that every process fills alike
+(`_streamed`); either way a process keeps its slice of every global batch, and each
+example's augmentation is keyed by (seed, epoch, its index in the split). The contract is
+in jaxsft.data's docstring.
 """
 
 from __future__ import annotations
@@ -37,7 +36,8 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """Which part of which split this process reads, and how it batches it."""
+    """A split, this process of how many, and its batch: in training its slice of every
+    global batch, in evaluation its contiguous part of the split."""
 
     split: str
     process_index: int

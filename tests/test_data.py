@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -271,6 +272,13 @@ def test_corrupt_train_image_counted_every_epoch(mixed_folder, tmp_path):
     assert [m.sum() for m in masks] == [7, 7, 7]
     assert batches.skipped.count == 3
     assert batches.skipped.ids == [str(root / "train" / "dog" / "zz_corrupt.jpg")]
+    # Batches fetched ahead by device_prefetch count only once used.
+    batches = data.train_batches(cfg, seed=1, num_devices=1)
+    ahead = data.device_prefetch(batches, size=3, devices=jax.local_devices()[:1])
+    next(ahead)
+    assert batches.skipped.count == 1
+    next(ahead)
+    assert batches.skipped.count == 2
 
 
 def test_carved_validation_split(tmp_path):
@@ -337,21 +345,124 @@ def test_digits_eval_over_two_processes_covers_the_test_split(digits_dir):
     assert np.bincount(labels).tolist() == np.bincount(expected).tolist()
 
 
-def test_train_shards_are_disjoint_and_epochs_reshuffle(tmp_path):
-    root = colour_folder(tmp_path, {"train": 40, "val": 3})
+def test_processes_read_disjoint_parts_of_every_global_batch_and_epochs_reshuffle(tmp_path):
+    """A class-sorted folder: each process's part of a global batch is its slice, the parts
+    are disjoint, every process sees every class, and an epoch covers the split once."""
+    root = colour_folder(tmp_path, {"train": 40, "val": 3}, classes=2)
     cfg = colour_cfg(root, batch_size=8)
+    its = [data._train_batches(cfg, seed=0, start_step=0, num_devices=2, process_index=p,
+                               process_count=2) for p in range(2)]
+    epochs = [[], []]
+    for step in range(10):
+        parts = [[index_of(img) for img in next(it)["image"].reshape(-1, 16, 16, 3)]
+                 for it in its]
+        assert not set(parts[0]) & set(parts[1])
+        assert {i % 2 for i in parts[0] + parts[1]} == {0, 1}
+        epochs[step // 5] += parts[0] + parts[1]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(40))
+    assert epochs[0] != epochs[1]  # a new order each epoch
 
-    def epochs(p):
-        it = data._train_batches(cfg, seed=0, start_step=0, num_devices=4, process_index=p,
-                                 process_count=2)
-        order = [index_of(img) for _ in range(10)
-                 for img in next(it)["image"].reshape(-1, 16, 16, 3)]
-        return order[:20], order[20:]
 
-    (a0, a1), (b0, b1) = epochs(0), epochs(1)
-    assert sorted(a0) == sorted(a1) and sorted(b0) == sorted(b1)  # each reads its own part
-    assert sorted(a0 + b0) == list(range(40))
-    assert a0 != a1 and b0 != b1  # a new order each epoch
+def test_index_sampler_global_batches_and_local_slices():
+    from jaxsft.data.sampler import IndexSampler
+
+    sampler = IndexSampler(num_examples=23, global_batch=6, seed=3)
+    assert sampler.steps_per_epoch == 3
+    assert sorted(sampler.epoch_order(1)) == list(range(23))
+    assert not np.array_equal(sampler.epoch_order(0), sampler.epoch_order(1))
+    for processes in (1, 2, 3):
+        streams = [sampler.local_batches(2, p, processes) for p in range(processes)]
+        for step in range(2, 8):
+            parts = [next(s) for s in streams]
+            assert {epoch for epoch, _ in parts} == {step // 3}
+            np.testing.assert_array_equal(np.concatenate([i for _, i in parts]),
+                                          sampler.global_batch_indices(step))
+
+
+def global_batches(cfg: DataConfig, processes: int, devices: int, steps: int, start: int = 0,
+                   seed: int = 7) -> list[dict]:
+    """Global batches start.. as `processes` processes of `devices` devices read them,
+    concatenated in process then device order."""
+    its = [data._train_batches(cfg, seed=seed, start_step=start, num_devices=devices,
+                               process_index=p, process_count=processes)
+           for p in range(processes)]
+    out = []
+    for _ in range(steps):
+        parts = [next(it) for it in its]
+        out.append({k: np.concatenate([b[k].reshape(-1, *b[k].shape[2:]) for b in parts])
+                    for k in parts[0]})
+    return out
+
+
+def assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(g[key], w[key])
+
+
+def check_topology_invariance(cfg: DataConfig, steps: int) -> list[dict]:
+    """1x4 == 2x2 == 1x1 == 4x1 bit for bit over `steps`; resuming at any step, on another
+    number of processes, continues the same stream."""
+    one = global_batches(cfg, 1, 4, steps)
+    for processes, devices in ((2, 2), (1, 1), (4, 1)):
+        assert_same_batches(global_batches(cfg, processes, devices, steps), one)
+    for start, processes in ((1, 2), (steps // 2, 4), (steps - 1, 1)):
+        assert_same_batches(global_batches(cfg, processes, 4 // processes, steps - start,
+                                           start=start), one[start:])
+    return one
+
+
+@pytest.mark.parametrize("augment,cache", [("imagenet", False), ("light", True)])
+def test_folder_stream_is_the_same_on_any_topology(tmp_path, augment, cache):
+    """Augmented, batch 8 of 26 (3 steps per epoch), two epochs and a step of the third."""
+    rng = np.random.default_rng(0)
+    for i in range(26):
+        folder = tmp_path / "train" / f"c{i % 3}"  # sorted by class on disk
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), np.uint8)).save(
+            folder / f"{i:02d}.png")
+    colour_folder(tmp_path, {"val": 2})
+    cfg = DataConfig(dataset=f"folder:{tmp_path}", image_size=16, batch_size=8,
+                     augment=augment, cache=cache)
+    one = check_topology_invariance(cfg, 7)
+    assert not np.array_equal(one[0]["image"], one[3]["image"])
+
+
+@pytest.fixture(scope="module")
+def digits_array_record(tmp_path_factory) -> str:
+    """digits prepared as ArrayRecord: read through tfds.data_source (random access)."""
+    from jaxsft.data.digits import Digits
+
+    path = str(tmp_path_factory.mktemp("tfds_ar"))
+    Digits(data_dir=path, file_format="array_record").download_and_prepare()
+    return path
+
+
+@pytest.mark.parametrize("prepared", ["tfrecord in memory", "array_record", "streamed"])
+def test_tfds_stream_is_the_same_on_any_topology(digits_dir, digits_array_record, prepared,
+                                                 monkeypatch, caplog):
+    """digits, light augmentation, batch 64 of 200 (3 steps per epoch), two epochs and a
+    step: through tfds.data_source, a tfrecord split read into memory (the same stream), and
+    the streamed fallback for a tfrecord split too large for memory."""
+    import jaxsft.data.sources as sources
+
+    if prepared == "streamed":
+        monkeypatch.setattr(sources, "IN_MEMORY_BYTES", 0)
+    cfg = DataConfig(dataset="digits", train_split="train[:200]", image_size=16,
+                     batch_size=64, augment="light",
+                     data_dir=digits_array_record if prepared == "array_record" else digits_dir)
+    with caplog.at_level("INFO", logger="jaxsft.data.sources"):
+        one = check_topology_invariance(cfg, 7)
+    said = {"tfrecord in memory": "reading train[:200] (0.2 MB) into memory once",
+            "streamed": "too large to hold in memory", "array_record": None}[prepared]
+    messages = [r.getMessage() for r in caplog.records if r.name == "jaxsft.data.sources"]
+    assert (said is None and not messages) or all(said in m for m in messages), messages
+    if prepared != "streamed":  # random access by the same index: one stream
+        monkeypatch.setattr(sources, "IN_MEMORY_BYTES", 1 << 30)
+        other = digits_array_record if prepared != "array_record" else digits_dir
+        assert_same_batches(global_batches(dataclasses.replace(cfg, data_dir=other), 1, 4, 2),
+                            one[:2])
 
 
 # ---------------------------------------------------------------------- reproducibility

@@ -6,6 +6,7 @@ the ones below it:
 - `runtime`: how TensorFlow runs in this process: `quiet_tensorflow` (environment settings
   a CLI makes before TensorFlow starts) and `tensorflow` (imports it, hidden from the GPUs);
 - `folder`: the scan of an image folder (no TensorFlow);
+- `sampler`: the index sampler, which examples make each global training batch (numpy only);
 - the TensorFlow side: `transforms` (torchvision's preprocessing as TF ops), `digits` (the
   built-in data set), `sources` (TFDS builder or folder behind one interface), `pipeline`
   (tf.data: decode, augment, batch);
@@ -29,25 +30,47 @@ Sources (`DataConfig.dataset`):
 Batches are dicts of numpy arrays: "image" float32 [D, B/D, H, W, 3] (ImageNet-normalised),
 "label" int32 [D, B/D] and "mask" float32 [D, B/D] (1 = a real, readable example), where D is
 the number of local devices and B the per-process batch (`batch_size / process_count`; each
-process reads only its own part of every split).
+process reads only its own part of every batch).
 
 Preprocessing is torchvision's (jaxsft/data/transforms.py): train `imagenet` =
 RandomResizedCrop(size, (0.08, 1), (3/4, 4/3)) + horizontal flip, `light` = the eval view +
 RandomCrop(size, padding=size//8) + flip, `none` = the eval view; eval = Resize(size /
 crop_ratio) + CenterCrop(size); bilinear with antialiasing; grayscale and RGBA -> RGB.
 
-Reproducibility: `train_batches(cfg, seed=s, start_step=k)` yields exactly the batches that
-`start_step=0` yields from the k-th on, bit for bit, so a resumed run sees the data it would
-have seen. No state carries across epochs: epoch e = k // steps_per_epoch reads its records
-in an order keyed by (s, process, e) (a folder's files permuted; a TFDS split in its fixed
-file order, which TFDS shuffled at preparation), through a shuffle buffer seeded the same
-way (the whole shard if it fits in --shuffle-buffer, and always with --cache), skips
-k % steps_per_epoch batches before decoding anything, and draws each example's augmentation
-from a stateless key (s, process, e, example index).
+Reproducibility contract. The global training batch at step k is a function of (data set,
+split, preprocessing settings, seed s, global batch size, k) only, never of how many
+processes or devices read it (jaxsft.data.sampler):
+- epoch e = k // steps_per_epoch visits the split's examples in a permutation seeded by
+  (s, e); global batch k is the next `batch_size` of them (the epoch's remainder dropped);
+- process p of P reads the contiguous slice [p*B, (p+1)*B) of every global batch (B =
+  batch_size / P) and splits it over its local devices in order, so the processes' batches
+  concatenated are the global batch, bit for bit, on 1 x 4, 2 x 2 or 1 x 1 devices;
+- each example's augmentation is drawn from a stateless key of (s, e, its index in the
+  split), never of the process, and decoding does not depend on the batch's neighbours;
+- `start_step=k` yields exactly the batches k, k+1, ... of `start_step=0`, whatever the
+  process count of either: a checkpoint's data position is the global step, and the steps
+  before k are skipped without reading or decoding anything (random-access sources).
+Random access: folders (the file list), TFDS data sets prepared as ArrayRecord
+(`tfds.data_source`), and tfrecord-prepared train splits up to 1 GiB, read once into memory
+(one INFO line). A larger tfrecord split is streamed (one WARNING line naming the fix:
+`tfds build NAME --file_format=array_record`): every process reads all of it each epoch, in
+its fixed order, through a shuffle buffer of `--shuffle-buffer` examples seeded by (s, e),
+batches it globally and keeps its slice; the same guarantee holds, but the shuffle is only
+as wide as the buffer, resuming re-reads (not decodes) the epoch's skipped part, and the
+reading is P times the split. `--shuffle-buffer` matters only there. `--cache` decodes the
+whole train split once per process, keeps its pixels in memory and augments from them (the
+same examples and keys; small data sets only). The permutation is NumPy's PCG64
+`permutation`, the keys TensorFlow's Philox: the same versions give the same stream.
+What is not guaranteed: the trajectory of a run on another topology is the same data, but
+the gradient and BatchNorm reductions run in another order; in float32 the rounding
+differences grow slowly until runs part; in float64 they stay within 1e-10 relative over the
+few steps tests/test_multihost.py runs (exact in that sense).
 
 Unreadable images (corrupt, truncated, not an image) never stop a run: each becomes a
 masked example (mask 0, a black image), is logged once by name, and is counted in the
-iterator's `skipped` (a `SkippedImages`: `count` occurrences, `ids` the distinct names).
+iterator's `skipped` (a `SkippedImages`: `count` occurrences, `ids` the distinct names),
+once each time its batch is used: when `next` hands the batch out, or, through
+`device_prefetch`, when the batch goes to the step (batches fetched ahead are not counted).
 With `--strict-images` the first one raises a DataError naming it. In training, the masked
 example still occupies its slot (so the batch stream never shifts); it is excluded from the
 loss and metrics by the mask but does enter the BatchNorm batch statistics as a zero input.
@@ -146,16 +169,12 @@ def _train_batches(
 
     spe = steps_per_epoch(source.info, cfg)
     shard = Shard(cfg.train_split, process_index, process_count, local)
-    if min(source.shard_sizes(cfg.train_split, process_count)) < spe * local:
-        raise DataError(f"a process's part of {cfg.train_split} holds fewer than {spe} "
-                        f"batches of {local}: the split's metadata is inconsistent; prepare "
-                        f"{cfg.dataset} again")
 
-    def stream(skipped: SkippedImages) -> Iterator[dict[str, np.ndarray]]:
+    def stream() -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
         ds = train_stream(source, cfg, shard, seed=seed, start_step=start_step,
-                                   steps_per_epoch=spe)
+                          steps_per_epoch=spe)
         for raw in ds.as_numpy_iterator():
-            yield _assemble(raw, cfg, source.info, num_devices, skipped)
+            yield _assemble(raw, cfg, source.info, num_devices)
 
     return Batches(stream)
 
@@ -187,17 +206,16 @@ def _eval_batches(
     shard = Shard(split, process_index, process_count, local)
     num_batches = math.ceil(max(source.shard_sizes(split, process_count)) / local)
 
-    def stream(skipped: SkippedImages) -> Iterator[dict[str, np.ndarray]]:
+    def stream() -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
         seen = 0
         for raw in eval_pass(source, cfg, shard).as_numpy_iterator():
             seen += 1
             if seen > num_batches:  # every process must run the same number of eval steps
                 raise DataError(f"the {split} split of {cfg.dataset} holds more examples than "
                                 "its metadata says: prepare the data set again")
-            yield _assemble(_pad(raw, local), cfg, source.info, num_devices, skipped)
+            yield _assemble(_pad(raw, local), cfg, source.info, num_devices)
         for _ in range(num_batches - seen):
-            yield _assemble(_pad(None, local, cfg.image_size), cfg, source.info, num_devices,
-                            skipped)
+            yield _assemble(_pad(None, local, cfg.image_size), cfg, source.info, num_devices)
 
     return Batches(stream)
 
@@ -216,10 +234,10 @@ def _pad(raw: dict[str, np.ndarray] | None, size: int, image_size: int = 0) -> d
 
 
 def _assemble(
-    raw: dict[str, np.ndarray], cfg: DataConfig, info: DatasetInfo, num_devices: int,
-    skipped: SkippedImages,
-) -> dict[str, np.ndarray]:
-    """Checks a host batch (labels, unreadable images) and lays it out as [D, B/D, ...]."""
+    raw: dict[str, np.ndarray], cfg: DataConfig, info: DatasetInfo, num_devices: int
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Checks a host batch (labels, unreadable images) and lays it out as [D, B/D, ...];
+    returns it with the ids of its unreadable images (counted when the batch is used)."""
     real = raw.get("real", np.ones(len(raw["label"]), bool))
     ids = [i.decode(errors="replace") if isinstance(i, bytes) else str(i) for i in raw["id"]]
     labels = raw["label"]
@@ -234,10 +252,9 @@ def _assemble(
     if unreadable and cfg.strict_images:
         raise DataError(f"cannot read or decode image {unreadable[0]}: remove or replace it, "
                         "or drop --strict-images to skip unreadable images")
-    skipped.add(unreadable)
     mask = (real & raw["ok"]).astype(np.float32)
     batch = {"image": raw["image"], "label": labels.astype(np.int32), "mask": mask}
-    return {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in batch.items()}
+    return {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in batch.items()}, unreadable
 
 
 def load_image(path: str, cfg: DataConfig) -> np.ndarray:
@@ -277,8 +294,12 @@ def device_prefetch(
             shardings[d] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
         return jax.device_put(batch, shardings[d])
 
-    it = iter(batches)
-    queue = collections.deque(put(b) for b in itertools.islice(it, size))
+    # A Batches counts a batch's unreadable images when the batch is used, not when fetched.
+    it = batches.staged() if isinstance(batches, Batches) else ((b, None) for b in batches)
+    queue = collections.deque((put(b), use) for b, use in itertools.islice(it, size))
     while queue:
-        yield queue.popleft()
-        queue.extend(put(b) for b in itertools.islice(it, 1))
+        batch, use = queue.popleft()
+        if use is not None:
+            use()
+        yield batch
+        queue.extend((put(b), use) for b, use in itertools.islice(it, 1))

@@ -1,6 +1,6 @@
-"""tf.data pipelines: records of one process's shard -> decoded, augmented, batched examples.
+"""tf.data pipelines: a process's part of each batch -> decoded, augmented, batched examples.
 
-The top of the TensorFlow side of jaxsft.data: it imports sources, transforms and types,
+The top of the TensorFlow side of jaxsft.data: it imports sampler, sources, transforms and types,
 and only jaxsft.data's API imports it (after `runtime.tensorflow()` hid the GPUs).
 
 Every element carries "ok" (False for an image that could not be read or decoded: it is
@@ -10,12 +10,11 @@ are ignored, followed by a fallback element, of which the first is taken. So a c
 costs one masked example, never the run, and the batch structure (hence exact resumption)
 does not depend on which files are corrupt.
 
-Train epochs are exactly reproducible: the shard's records come in an order keyed by
-(seed, process, epoch) (a permutation of a folder's files; a TFDS split's fixed order, which
-TFDS shuffled when it prepared the data), pass a shuffle buffer seeded the same way (the
-whole shard when it fits in --shuffle-buffer, or with --cache), are skipped to the resume
-point *before* decoding (cheap), and each example's augmentation is keyed by (seed, process,
-epoch, index). No state carries from one epoch to the next.
+Training batches follow the index sampler (jaxsft.data.sampler) over the source's random
+access, or, for a split without it, a seeded shuffle buffer that every process fills alike
+(`_streamed`); either way a process keeps its slice of every global batch, and each
+example's augmentation is keyed by (seed, epoch, its index in the split). The contract is
+in jaxsft.data's docstring.
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ import tensorflow as tf
 
 import jaxsft.data.transforms as T
 from jaxsft.config import DataConfig
-from jaxsft.data.sources import Source
+from jaxsft.data.sampler import IndexSampler
+from jaxsft.data.sources import RandomAccess, Sequential, Source, table_lookup
 from jaxsft.data.types import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -36,7 +36,8 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """Which part of which split this process reads, and how it batches it."""
+    """A split, this process of how many, and its batch: in training its slice of every
+    global batch, in evaluation its contiguous part of the split."""
 
     split: str
     process_index: int
@@ -122,43 +123,82 @@ def train_stream(
     source: Source, cfg: DataConfig, shard: Shard, *, seed: int, start_step: int,
     steps_per_epoch: int,
 ) -> tf.data.Dataset:
-    """Batches start_step, start_step+1, ... of this process's shard, epoch after epoch.
+    """This process's part of global batches start_step, start_step+1, ..., epoch after epoch.
 
-    One pipeline for all epochs: `range(epochs).flat_map(epoch)`, so epoch boundaries cost
-    nothing. Epoch e reads its records in an order keyed by (seed, process, e), passes a
-    shuffle buffer seeded the same way, and takes steps_per_epoch full batches (the rest is
-    dropped); the first epoch first skips the batches before start_step, before decoding.
+    Random-access sources follow the index sampler (jaxsft.data.sampler): nothing is read for
+    the steps before start_step. Sequential ones are shuffled in a buffer seeded by (seed,
+    epoch) that every process fills alike, then batched globally and sliced (_streamed).
+    Either way each example's augmentation is keyed by (seed, epoch, its index in the split),
+    never by the process, and the global batch does not depend on the cluster's shape.
     """
-    b, spe = shard.local_batch, steps_per_epoch
-    start_epoch, skip = divmod(start_step, spe)
-    read = source.reader(shard.split, shard.process_index, shard.process_count)
-    n = source.shard_sizes(shard.split, shard.process_count)[shard.process_index]
-    run_key = tf.constant([seed, shard.process_index], tf.int64)
-    cached = _decoded(read(None)).cache() if cfg.cache else None
-
-    @tf.autograph.experimental.do_not_convert
-    def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
-        order_key, buffer_key, augment_key = T.subkeys(T.fold_in(run_key, epoch), 3)
-        buffer_seed = tf.random.stateless_uniform(
-            [], buffer_key, minval=None, maxval=None, dtype=tf.int64, alg="philox")
-        if cached is not None:  # decoded once, in memory: a full shuffle is cheap
-            records = cached.shuffle(n, seed=buffer_seed, reshuffle_each_iteration=False)
-        else:
-            records = read(order_key).shuffle(max(1, min(cfg.shuffle_buffer, n)),
-                                              seed=buffer_seed, reshuffle_each_iteration=False)
-        first = tf.where(epoch == start_epoch, tf.constant(skip * b, tf.int64), 0)
-        records = records.skip(first).take(spe * b - first)
-        return records.map(lambda r: {**r, "key": T.fold_in(augment_key, r["index"])})
-
-    records = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records)
-    if cached is not None:
-        examples = records.map(_finish_fn(cfg, train=True, cropped=False),
-                               num_parallel_calls=AUTOTUNE, deterministic=True)
+    access = source.train_access(shard.split)
+    if cfg.cache:
+        access = _cached(access)
+    if isinstance(access, Sequential):
+        records = _streamed(access, cfg, shard, seed, start_step, steps_per_epoch)
+    else:
+        records = _sampled(access, cfg, shard, seed, start_step)
+    run_key = tf.constant([seed, 0], tf.int64)
+    records = records.map(lambda r: {**r, "key": T.fold_in(T.fold_in(run_key, r["epoch"]),
+                                                               r["index"])})
+    if isinstance(access, RandomAccess) and access.pixels is not None:
+        finish = _finish_fn(cfg, train=True, cropped=False)
+        with_image = _cached_image(access.pixels)
+        examples = records.map(lambda r: finish(with_image(r)), num_parallel_calls=AUTOTUNE,
+                               deterministic=True)
     else:
         crop = cfg.augment == "imagenet"
         examples = _guarded_map(records, _decode_fn(cfg, crop),
                                 _finish_fn(cfg, train=True, cropped=crop))
-    return examples.batch(b, drop_remainder=True).prefetch(AUTOTUNE).with_options(_options())
+    return (examples.batch(shard.local_batch, drop_remainder=True).prefetch(AUTOTUNE)
+            .with_options(_options()))
+
+
+def _sampled(
+    access: RandomAccess, cfg: DataConfig, shard: Shard, seed: int, start_step: int
+) -> tf.data.Dataset:
+    """Records of the sampler's local batches, one example at a time, with epoch and index."""
+    sampler = IndexSampler(access.size, cfg.batch_size, seed)
+    b = shard.local_batch
+
+    def steps():
+        for epoch, indices in sampler.local_batches(start_step, shard.process_index,
+                                                    shard.process_count):
+            yield np.full(b, epoch, np.int64), indices
+
+    spec = tf.TensorSpec([b], tf.int64)
+    batches = tf.data.Dataset.from_generator(steps, output_signature=(spec, spec))
+    return batches.map(lambda epoch, index: {**access.lookup(index), "epoch": epoch,
+                                             "index": index},
+                       num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
+
+
+def _streamed(
+    access: Sequential, cfg: DataConfig, shard: Shard, seed: int, start_step: int,
+    steps_per_epoch: int,
+) -> tf.data.Dataset:
+    """Without random access: each epoch, every process reads the whole split in its fixed
+    order through the same seeded shuffle buffer, batches it globally and keeps its slice.
+    Resuming skips the batches before start_step after the buffer (read, not decoded)."""
+    size, spe, b = cfg.batch_size, steps_per_epoch, shard.local_batch
+    first = shard.process_index * b
+    start_epoch, skip = divmod(start_step, spe)
+    buffer = max(1, min(cfg.shuffle_buffer, access.size))
+    buffer_root = tf.constant([seed, 1], tf.int64)
+
+    @tf.autograph.experimental.do_not_convert
+    def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
+        buffer_seed = tf.random.stateless_uniform(
+            [], T.fold_in(buffer_root, epoch), minval=None, maxval=None, dtype=tf.int64,
+            alg="philox")
+        batches = (access.records().shuffle(buffer, seed=buffer_seed,
+                                            reshuffle_each_iteration=False)
+                   .batch(size, drop_remainder=True).take(spe))
+        batches = batches.skip(tf.where(epoch == start_epoch, tf.constant(skip, tf.int64), 0))
+        part = batches.map(lambda r: {k: v[first:first + b] for k, v in r.items()})
+        return part.unbatch().map(lambda r: {**r, "epoch": epoch})
+
+    return tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records)
 
 
 def _decoded(records: tf.data.Dataset) -> tf.data.Dataset:
@@ -166,9 +206,44 @@ def _decoded(records: tf.data.Dataset) -> tf.data.Dataset:
     return _guarded_map(records, lambda r: T.decode(_read(r)), lambda ex: ex)
 
 
+def _cached(access: RandomAccess | Sequential) -> RandomAccess:
+    """--cache: every example of the split decoded once, its pixels kept in memory (one
+    flat uint8 array), then read by index like any random-access source."""
+    if isinstance(access, Sequential):
+        records = access.records()
+    else:
+        records = (tf.data.Dataset.range(access.size).batch(256)
+                   .map(lambda i: {**access.lookup(i), "index": i}).unbatch())
+    images: list = [None] * access.size
+    columns: dict[str, list] = {"label": [None] * access.size, "id": [None] * access.size,
+                                "ok": [None] * access.size}
+    for ex in _decoded(records).with_options(_options()).as_numpy_iterator():
+        images[ex["index"]] = ex["image"]
+        for k, column in columns.items():
+            column[ex["index"]] = ex[k]
+    shapes = np.array([im.shape for im in images], np.int64)
+    ends = np.cumsum(shapes.prod(1))
+    table = {"offset": ends - shapes.prod(1), "shape": shapes,
+             "label": np.array(columns["label"], np.int64),
+             "id": np.array(columns["id"], object), "ok": np.array(columns["ok"], bool)}
+    pixels = tf.constant(np.concatenate([im.ravel() for im in images]))
+    return RandomAccess(access.size, table_lookup(table), pixels=pixels)
+
+
+def _cached_image(pixels: tf.Tensor) -> Callable[[dict], dict]:
+    """A cached record (offset and shape of its pixels) -> the record with its "image"."""
+
+    def with_image(record: dict) -> dict:
+        begin, shape = record["offset"], record["shape"]
+        image = tf.reshape(pixels[begin:begin + tf.reduce_prod(shape)], shape)
+        return {**record, "image": tf.ensure_shape(image, [None, None, 3])}
+
+    return with_image
+
+
 def eval_pass(source: Source, cfg: DataConfig, shard: Shard) -> tf.data.Dataset:
     """One pass over this process's part of the eval split, in order; last batch partial."""
-    records = source.reader(shard.split, shard.process_index, shard.process_count)(None)
+    records = source.reader(shard.split, shard.process_index, shard.process_count)
     examples = _guarded_map(records, _decode_fn(cfg, crop=False),
                             _finish_fn(cfg, train=False, cropped=False))
     return examples.batch(shard.local_batch).prefetch(AUTOTUNE).with_options(_options())

@@ -3,19 +3,23 @@
 The TensorFlow side of jaxsft.data: imports types, folder and digits below it, never the
 package's API (jaxsft.data), which imports this module when it first reads data.
 
-A source says what the data set is (`info`), how large each process's part of a split is
-(`shard_sizes`), and streams one part as records {"data" or "path", "label", "id", "index"}
-(`reader`): a function, usable inside a tf.data graph, from an order key to the records in
-an order that depends on that key alone (a folder's files are permuted by it; a TFDS split
-is read in its fixed, already shuffled file order whatever the key). The pipeline
-(jaxsft.data.pipeline) turns records into batches the same way for both sources. `id`
-names an example in messages (a TFDS id or a file path); `index` is its position in the
-shard, a key of its augmentation.
+A source says what the data set is (`info`) and gives records {"data" or "path", "label",
+"id"} two ways, which the pipeline (jaxsft.data.pipeline) turns into batches the same way for
+both kinds of source. `id` names an example in messages (a TFDS id or a file path).
+- Training (`train_access`): the whole split, by global example index, for the index sampler
+  (jaxsft.data.sampler) that makes the batch stream independent of the cluster's shape:
+  `RandomAccess` (a lookup from a batch of indices to their records) for folders (the file
+  list), TFDS data sets prepared as ArrayRecord (`tfds.data_source`), and tfrecord-prepared
+  splits small enough to read once into memory (IN_MEMORY_BYTES); otherwise `Sequential`
+  (the split in its fixed order, which every process reads whole: logged once, with the fix).
+- Evaluation (`shard_sizes`, `reader`): one process's contiguous part of a split, in order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import logging
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -30,17 +34,47 @@ from jaxsft.config import DataConfig
 from jaxsft.data.types import DataError, DatasetInfo
 
 EVAL_SPLIT_ORDER = ("validation", "val", "test")
+# A tfrecord-prepared train split up to this size (its metadata's bytes) is read once into
+# memory for random access; a larger one is streamed (see Sequential).
+IN_MEMORY_BYTES = 1 << 30
+
+log = logging.getLogger(__name__)
+
+@dataclasses.dataclass(frozen=True)
+class RandomAccess:
+    """A split's records by global index: `lookup(indices [k]) -> {name: [k, ...]}`, usable
+    inside a tf.data graph. With `pixels` (--cache), records are decoded: "ok" and the
+    "offset" and "shape" of their uint8 image in that flat tensor."""
+
+    size: int
+    lookup: Callable[[tf.Tensor], dict[str, tf.Tensor]]
+    pixels: tf.Tensor | None = None
 
 
-Reader = Callable[[tf.Tensor | None], tf.data.Dataset]  # order key (None: fixed) -> records
+@dataclasses.dataclass(frozen=True)
+class Sequential:
+    """A split without random access: `records()` streams it whole, in its fixed order,
+    each record with its "index" (position in that order)."""
+
+    size: int
+    records: Callable[[], tf.data.Dataset]
 
 
 class Source(Protocol):
     info: DatasetInfo
 
+    def train_access(self, split: str) -> RandomAccess | Sequential: ...
+
     def shard_sizes(self, split: str, process_count: int) -> list[int]: ...
 
-    def reader(self, split: str, process_index: int, process_count: int) -> Reader: ...
+    def reader(self, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
+        ...
+
+
+def table_lookup(table: dict[str, np.ndarray]) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """Random access into in-memory columns (one row per example) by tf.gather."""
+    tensors = {k: tf.constant(v) for k, v in table.items()}
+    return lambda indices: {k: tf.gather(v, indices) for k, v in tensors.items()}
 
 
 def open_source(cfg: DataConfig) -> Source:
@@ -109,28 +143,95 @@ class TfdsSource:
             ) from None
         return _nonempty(n, str(split), self.builder.name)
 
-    def shard_sizes(self, split: str, process_count: int) -> list[int]:
-        return [self.builder.info.splits[s].num_examples
-                for s in tfds.even_splits(split, n=process_count)]
+    def train_access(self, split: str) -> RandomAccess | Sequential:
+        """ArrayRecord (or another random-access format) through tfds.data_source; else a
+        small split read once into memory; else the split streamed in its fixed order."""
+        n = self._size(split)
+        info = self.builder.info
+        if info.available_file_formats() & tfds.core.FileFormat.with_random_access():
+            return self._data_source(split, n)
+        size, name, kind = self._bytes(split), self.builder.name, info.file_format.value
+        if size <= IN_MEMORY_BYTES:
+            log.info("%s is prepared as %s, which has no random access: reading %s (%.1f MB) "
+                     "into memory once", name, kind, split, size / 1e6)
+            return self._in_memory(split, n)
+        log.warning(
+            "%s is prepared as %s, which has no random access, and %s is too large to hold "
+            "in memory (%.1f GB): every process reads all of it and shuffles it in a buffer "
+            "of --shuffle-buffer examples; prepare it with `tfds build %s --file_format="
+            "array_record` for a global shuffle that reads each example once", name,
+            kind, split, size / 1e9, name)
+        return Sequential(n, lambda: self._ordered(split).enumerate().map(
+            lambda i, r: {**r, "index": i}))
 
-    def reader(self, split: str, process_index: int, process_count: int) -> Reader:
-        shard = tfds.even_splits(split, n=process_count)[process_index]
+    def _bytes(self, split: str) -> float:
+        """The prepared size of `split` (a slice such as train[:90%] pro rata)."""
+        splits = self.builder.info.splits
+        parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+        total = 0.0
+        for p in parts:
+            whole = splits[p.splitname]
+            n = whole.num_examples
+            total += whole.num_bytes * ((n if p.to is None else p.to) - (p.from_ or 0)) / n
+        return total
+
+    def _ordered(self, split: str) -> tf.data.Dataset:
+        """The split's records {"data", "label", "id"} in its fixed (prepared) order."""
         read_config = tfds.ReadConfig(add_tfds_id=True, try_autocache=False, skip_prefetch=True)
         decoders = tfds.decode.PartialDecoding(
             {self.image_key: True, self.label_key: True},
             decoders={self.image_key: tfds.decode.SkipDecoding()},
         )
         ds = self.builder.as_dataset(
-            split=shard, shuffle_files=False, decoders=decoders, read_config=read_config
+            split=split, shuffle_files=False, decoders=decoders, read_config=read_config
         )
         image_key, label_key = self.image_key, self.label_key
+        return ds.map(lambda ex: {"data": ex[image_key], "label": ex[label_key],
+                                  "id": ex["tfds_id"]})
 
-        def record(index: tf.Tensor, ex: dict) -> dict:
-            return {"data": ex[image_key], "label": ex[label_key], "id": ex["tfds_id"],
-                    "index": index}
+    def _in_memory(self, split: str, n: int) -> RandomAccess:
+        columns: dict[str, list] = {"data": [], "label": [], "id": []}
+        for record in self._ordered(split).as_numpy_iterator():
+            for k, column in columns.items():
+                column.append(record[k])
+        if len(columns["label"]) != n:
+            raise DataError(f"split {split!r} of {self.builder.name} holds "
+                            f"{len(columns['label'])} examples, its metadata says {n}: "
+                            "prepare the data set again")
+        return RandomAccess(n, table_lookup({
+            "data": np.array(columns["data"], object),
+            "label": np.array(columns["label"], np.int64),
+            "id": np.array(columns["id"], object)}))
 
-        records = ds.enumerate().map(record)
-        return lambda order_key: records
+    def _data_source(self, split: str, n: int) -> RandomAccess:
+        source = self.builder.as_data_source(
+            split, decoders={self.image_key: tfds.decode.SkipDecoding()})
+        if len(source) != n:
+            raise DataError(f"split {split!r} of {self.builder.name} holds {len(source)} "
+                            f"examples, its metadata says {n}: prepare the data set again")
+        image_key, label_key = self.image_key, self.label_key
+        prefix = f"{self.builder.name}-{split}__"
+
+        def fetch(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            examples = source.__getitems__([int(i) for i in indices])
+            return (np.array([e[image_key] for e in examples], object),
+                    np.array([e[label_key] for e in examples], np.int64))
+
+        def lookup(indices: tf.Tensor) -> dict[str, tf.Tensor]:
+            data, label = tf.numpy_function(fetch, [indices], (tf.string, tf.int64),
+                                            stateful=False)
+            ids = tf.strings.join([prefix, tf.strings.as_string(indices)])
+            return {"data": tf.ensure_shape(data, indices.shape),
+                    "label": tf.ensure_shape(label, indices.shape), "id": ids}
+
+        return RandomAccess(n, lookup)
+
+    def shard_sizes(self, split: str, process_count: int) -> list[int]:
+        return [self.builder.info.splits[s].num_examples
+                for s in tfds.even_splits(split, n=process_count)]
+
+    def reader(self, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
+        return self._ordered(tfds.even_splits(split, n=process_count)[process_index])
 
 
 DATASET_FORMS = ("give a TFDS name (see tfds.list_builders()), a directory of images "
@@ -237,6 +338,14 @@ class FolderSource:
         _nonempty(len(examples), split, self.name)
         return examples
 
+    def train_access(self, split: str) -> RandomAccess:
+        """The split's file list, gathered by index (paths and labels in memory)."""
+        examples = self._examples(split)
+        paths = np.array([path for path, _ in examples], object)
+        return RandomAccess(len(examples), table_lookup({
+            "path": paths, "label": np.array([label for _, label in examples], np.int64),
+            "id": paths}))
+
     def _shard(self, split: str, process_index: int, process_count: int) -> np.ndarray:
         """Positions of one process's contiguous part (first parts one longer)."""
         n = len(self._examples(split))
@@ -245,20 +354,10 @@ class FolderSource:
     def shard_sizes(self, split: str, process_count: int) -> list[int]:
         return [len(self._shard(split, p, process_count)) for p in range(process_count)]
 
-    def reader(self, split: str, process_index: int, process_count: int) -> Reader:
+    def reader(self, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
         examples = self._examples(split)
-        positions = self._shard(split, process_index, process_count)
-        paths = tf.constant([examples[i][0] for i in positions], tf.string)
-        labels = tf.constant([examples[i][1] for i in positions], tf.int64)
-        index = tf.constant(positions, tf.int64)
-
-        def records(order_key: tf.Tensor | None) -> tf.data.Dataset:
-            order = tf.range(len(positions), dtype=tf.int64)
-            if order_key is not None:
-                order = tf.random.experimental.stateless_shuffle(order, order_key, alg="philox")
-            return tf.data.Dataset.from_tensor_slices({
-                "path": tf.gather(paths, order), "label": tf.gather(labels, order),
-                "id": tf.gather(paths, order), "index": tf.gather(index, order),
-            })
-
-        return records
+        paths = [examples[i][0] for i in self._shard(split, process_index, process_count)]
+        labels = [examples[i][1] for i in self._shard(split, process_index, process_count)]
+        return tf.data.Dataset.from_tensor_slices({
+            "path": tf.constant(paths, tf.string), "label": tf.constant(labels, tf.int64),
+            "id": tf.constant(paths, tf.string)})

@@ -8,6 +8,7 @@ other upwards.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 
@@ -53,11 +54,21 @@ class SkippedImages:
 
 
 class Batches(Iterator[dict[str, np.ndarray]]):
-    """An iterator of batches that also reports the unreadable images it skipped."""
+    """An iterator of batches that also reports the unreadable images it skipped: `skipped`
+    counts each unreadable example once per batch that was used (handed out by `next`, or
+    by `staged` when its `use()` is called), never in batches fetched ahead and not used."""
 
-    def __init__(self, make: Callable[[SkippedImages], Iterator[dict[str, np.ndarray]]]):
+    def __init__(self, make: Callable[[], Iterator[tuple[dict[str, np.ndarray], list[str]]]]):
         self.skipped = SkippedImages()
-        self._batches = make(self.skipped)
+        self._batches = make()  # (batch, ids of its unreadable images)
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._batches)
+        batch, unreadable = next(self._batches)
+        self.skipped.add(unreadable)
+        return batch
+
+    def staged(self) -> Iterator[tuple[dict[str, np.ndarray], Callable[[], None]]]:
+        """(batch, use) pairs for a consumer that fetches ahead of use (device_prefetch):
+        the batch's unreadable images are counted when it calls `use()`."""
+        for batch, unreadable in self._batches:
+            yield batch, functools.partial(self.skipped.add, unreadable)

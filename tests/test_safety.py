@@ -3,6 +3,7 @@ starts, a lost config.json, unwritable places, data sets that cannot train a cla
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -169,7 +170,7 @@ def test_a_resumed_run_drops_the_rows_it_replays(tmp_path):
 def write_images(directory: Path, n: int = 2) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(directory / f"{i}.png")
+        Image.fromarray(np.full((8, 8, 3), 20 * i % 256, np.uint8)).save(directory / f"{i}.png")
 
 
 def test_links_that_lead_out_of_their_split_are_skipped(tmp_path, caplog):
@@ -224,7 +225,7 @@ def test_the_wrong_architecture_is_said_in_each_callers_words(capsys):
 def one_class(tmp_path) -> Path:
     root = tmp_path / "one"
     for split in ("train", "test"):
-        write_images(root / split / "only", 4)
+        write_images(root / split / "only", 12)
     return root
 
 
@@ -364,3 +365,43 @@ def test_two_trainings_in_one_workdir_one_refuses_the_other_finishes_intact(fold
         assert checkpoint.intact_steps(m) == sorted(m.all_steps()) and 12 in m.all_steps()
     variables, _ = checkpoint.restore_variables(tmp_path / "run" / CHECKPOINT_DIR, "latest")
     assert variables["params"]
+
+
+def test_evaluate_defaults_to_the_best_checkpoint_and_predict_answers(trained, folder):
+    _, wd, *_ = trained
+    evals = [r for r in metrics.read_jsonl(wd / "metrics.jsonl") if r["split"] == "eval"]
+    best = max((r["top1"], r["step"]) for r in evals)[1]
+    out = cli("jaxsft.evaluate", "--workdir", str(wd), "--json", timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["step"] == best
+
+    image = folder / "test" / "circle" / "0.png"
+    out = cli("jaxsft.predict", "--workdir", str(wd), "--top-k", "2", str(image), timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()[-3:]
+    assert lines[0] == str(image)
+    shown = [line.split() for line in lines[1:]]
+    assert [name for _, name in shown][0] in CLASSES and len(shown) == 2
+    assert float(shown[0][0].rstrip("%")) >= float(shown[1][0].rstrip("%"))
+
+
+def test_resume_path_starts_elsewhere_and_sigint_exits_130(trained, tmp_path):
+    cfg, wd, *_ = trained
+    other = cfg.replace(workdir=str(tmp_path / "other"), steps=12)
+    proc = subprocess.Popen([sys.executable, "-m", "jaxsft.train", *flags(other),
+                             "--resume", str(wd)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    rows = tmp_path / "other" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if rows.exists() and rows.read_text().strip():
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert f"started from {wd} at step 4" in out
+    stopped_at = int(re.search(r"SIGINT at step (\d+)", err).group(1))
+    assert 5 <= stopped_at < 12
+    with checkpoint.create_manager(tmp_path / "other" / CHECKPOINT_DIR, read_only=True) as m:
+        assert max(m.all_steps()) == stopped_at

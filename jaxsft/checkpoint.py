@@ -1,16 +1,28 @@
 """Orbax checkpoints of the whole train state: save asynchronously, keep latest + best, resume.
 
-Layout: `<workdir>/checkpoints/<step>/{state,meta}`. `state` holds params, batch_stats,
-opt_state, step and rng as arrays; `meta` (JSON) holds the data position, epoch and config.
-Orbax writes each step into a temporary directory and renames it only once complete, so a
-save interrupted by a crash or a full disk is never listed as a checkpoint (and is cleaned up
-on restart); a failed write becomes a CheckpointError naming the step a rerun resumes from.
+Layout: `<workdir>/checkpoints/<step>/{state,meta,jaxsft-sha256.json}`. `state` holds
+params, batch_stats, opt_state, step and rng as arrays; `meta` (JSON) holds the data position,
+epoch and config. Orbax writes each step into a temporary directory and renames it only once
+complete, so a save interrupted by a crash or a full disk is never listed as a checkpoint (and
+is cleaned up on restart); a failed write becomes a CheckpointError naming the step a rerun
+resumes from.
+
+Integrity (Orbax 0.12 has no checksum of its own over the data it writes): once a step's
+save has finished, process 0 writes `jaxsft-sha256.json` into the step's directory, the size
+and sha256 of every file of the step. Every restore checks them first: a truncated, missing or
+altered file makes the step "damaged", named as such (never "does not fit this model"), and
+never loaded. Resuming falls back to the newest intact step with a warning; an explicit step
+(`--checkpoint N`, `--resume DIR/N`) that is damaged is an error naming it. A step without the
+file (written by an older jaxsft, or a crash between Orbax's rename and the seal) is read as
+it is, and one that cannot be read is passed over in the same way when resuming.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import logging
 import os
 import re
@@ -25,6 +37,7 @@ from flax import serialization
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
 
 BEST_METRIC = "top1"
+MANIFEST_FILE = "jaxsft-sha256.json"
 
 
 class _OrbaxNoise(logging.Filter):
@@ -75,8 +88,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used or written; the message says which and why."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint step whose files are not those written (truncated, altered, missing)."""
+
+
+class Manager(ocp.CheckpointManager):
+    """Orbax's manager, remembering the steps this process saved and has not sealed yet (their
+    checksums are written once their asynchronous save has finished)."""
+
+    unsealed: list[int]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unsealed = []
+
+
 def create_manager(directory: str | Path, keep: int = 3, *,
-                   asynchronous: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+                   asynchronous: bool = True, read_only: bool = False) -> Manager:
     """Keeps the `keep` latest checkpoints plus the best one by validation top-1."""
     policy = keep_policy.AnyPreservationPolicy([
         keep_policy.LatestN(n=keep),
@@ -92,8 +120,7 @@ def create_manager(directory: str | Path, keep: int = 3, *,
         read_only=read_only,
         create=not read_only,
     )
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                 item_names=("state", "meta"))
+    return Manager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
 
 
 def save(manager: ocp.CheckpointManager, state: Any, meta: dict[str, Any],
@@ -103,17 +130,116 @@ def save(manager: ocp.CheckpointManager, state: Any, meta: dict[str, Any],
     step = int(arrays["step"])
     if step in manager.all_steps():
         return  # already saved at this step (e.g. an eval save followed by the final one)
-    with _writing(manager):  # also where an earlier asynchronous save's failure surfaces
+    wait(manager)  # where an earlier asynchronous save's failure surfaces; then it is sealed
+    with _writing(manager):
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(arrays),
             meta=ocp.args.JsonSave({**meta, "step": step}),
         ), metrics=metrics)
+    if isinstance(manager, Manager):
+        manager.unsealed.append(step)
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
-    """Blocks until the pending asynchronous save is complete on disk."""
+    """Blocks until the pending asynchronous save is complete on disk, then seals it."""
     with _writing(manager):
         manager.wait_until_finished()
+        for step in getattr(manager, "unsealed", ()):
+            if jax.process_index() == 0 and (Path(manager.directory) / str(step)).is_dir():
+                seal(Path(manager.directory) / str(step))
+        if isinstance(manager, Manager):
+            manager.unsealed.clear()
+
+
+# ------------------------------------------------------------------------------ integrity
+
+def seal(step_dir: Path) -> None:
+    """Writes the size and sha256 of every file of a finished step (atomically, last)."""
+    files = {str(f.relative_to(step_dir)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(step_dir.rglob("*")) if f.is_file() and f.name != MANIFEST_FILE}
+    tmp = step_dir / f"{MANIFEST_FILE}.tmp"
+    with open(tmp, "w") as out:
+        json.dump({"algorithm": "sha256", "files": files}, out, indent=1, sort_keys=True)
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(step_dir / MANIFEST_FILE)
+
+
+def verify(step_dir: Path) -> str | None:
+    """Why a step's files are not those sealed (None if they are, or if it has no seal)."""
+    manifest = step_dir / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its checksum file {MANIFEST_FILE} is unreadable ({e})"
+    for name, want in sorted(files.items()):
+        f = step_dir / name
+        try:
+            size = f.stat().st_size
+            if size != want["bytes"]:
+                return (f"{name} has {size} bytes, {want['bytes']} were written "
+                        f"({'truncated' if size < want['bytes'] else 'grown'})")
+            if _sha256(f) != want["sha256"]:
+                return f"{name} is not the file written (its sha256 differs): altered on disk"
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as e:
+            return f"{name} cannot be read ({os.strerror(e.errno or 0) or e})"
+    return None
+
+
+def is_sealed(step_dir: Path) -> bool:
+    return (step_dir / MANIFEST_FILE).is_file()
+
+
+def intact_steps(manager: ocp.CheckpointManager) -> list[int]:
+    """The steps whose files match their seal (or that have none), oldest first."""
+    directory = Path(manager.directory)
+    return [s for s in sorted(manager.all_steps()) if verify(directory / str(s)) is None]
+
+
+def set_aside_after(manager: ocp.CheckpointManager, step: int) -> list[Path]:
+    """Moves the steps after `step` (the damaged ones a resume passed over) to
+    `<checkpoints>-damaged/<step>` (kept for inspection, never deleted): the steps the run
+    saves again must not find their names taken."""
+    directory = Path(manager.directory)
+    later = [s for s in manager.all_steps() if s > step]
+    moved = []
+    for s in sorted(later):
+        aside = directory.with_name(directory.name + "-damaged") / str(s)
+        if aside.exists():
+            aside = aside.with_name(f"{s}.{os.getpid()}")
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        (directory / str(s)).rename(aside)
+        _warn(f"moved the damaged checkpoint {directory / str(s)} to {aside}")
+        moved.append(aside)
+    if moved:
+        manager.reload()
+    return moved
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _damaged(manager: ocp.CheckpointManager, step: int, why: str,
+             label: str = "") -> DamagedCheckpoint:
+    others = [s for s in intact_steps(manager) if s != step]
+    fix = (f"pass another step (intact: {', '.join(map(str, others))})" if others
+           else "no other intact checkpoint is left there: start afresh with --overwrite or a "
+                "new --workdir")
+    return DamagedCheckpoint(f"checkpoint {manager.directory}/{step}{label} is damaged: {why}; "
+                             f"{fix}")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # Orbax re-raises TensorStore's write errors as ValueError/RuntimeError with this suffix.
@@ -156,20 +282,45 @@ def os_error_code(error: BaseException) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def restore(manager: ocp.CheckpointManager, target: Any,
-            step: int | str = "latest") -> tuple[Any, dict[str, Any]]:
-    """Restores into the structure of `target` (a TrainState); returns (state, meta)."""
-    step = resolve_step(manager, step)
+def restore(manager: ocp.CheckpointManager, target: Any, step: int | str = "latest", *,
+            fallback: bool = False, warn=_warn) -> tuple[Any, dict[str, Any]]:
+    """Restores into the structure of `target` (a TrainState); returns (state, meta).
+
+    Each step's files are checked against its seal first (see the module's docstring). With
+    `fallback` ('latest' only: resuming), a damaged or unreadable step is passed over, with a
+    `warn`ing, for the newest one that is intact; otherwise it is an error naming the step.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                             _to_arrays(serialization.to_state_dict(target)))
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
-        raise _mismatch(manager, step, str(e).splitlines()[0]) from None
-    _check_shapes(abstract, restored["state"], lambda why: _mismatch(manager, step, why))
-    state = serialization.from_state_dict(target, _from_arrays(restored["state"], target))
-    return state, dict(restored["meta"])
+    chosen = resolve_step(manager, step)
+    candidates = ([s for s in sorted(manager.all_steps(), reverse=True)]
+                  if fallback and step == "latest" else [chosen])
+    directory = Path(manager.directory)
+    for i, s in enumerate(candidates):
+        last = i == len(candidates) - 1
+        why = verify(directory / str(s))
+        if why is None:
+            try:
+                restored = manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if is_sealed(directory / str(s)) or not fallback or last:
+                    raise _mismatch(manager, s, reason) from None
+                # Written without checksums: a damaged file looks like another model's.
+                why = f"it cannot be read ({reason})"
+        if why is not None:
+            if not fallback or last:
+                label = " (the best)" if step == "best" else ""
+                raise _damaged(manager, s, why, label)
+            warn(f"checkpoint {directory}/{s} is damaged: {why}; trying the one before it")
+            continue
+        _check_shapes(abstract, restored["state"], lambda w, s=s: _mismatch(manager, s, w))
+        if s != candidates[0]:
+            warn(f"resuming from step {s}, the newest intact checkpoint in {directory}")
+        state = serialization.from_state_dict(target, _from_arrays(restored["state"], target))
+        return state, dict(restored["meta"])
+    raise AssertionError("unreachable")
 
 
 def _mismatch(manager: ocp.CheckpointManager, step: int, why: str) -> CheckpointError:
@@ -209,11 +360,25 @@ def resolve_step(manager: ocp.CheckpointManager, step: int | str) -> int:
 
 
 def read_meta(directory: str | Path, step: int | str = "latest") -> dict[str, Any]:
-    """The JSON metadata of a checkpoint, without touching its arrays."""
+    """The JSON metadata of a checkpoint, without touching its arrays; 'latest' is the newest
+    intact step."""
     with create_manager(directory, read_only=True, asynchronous=False) as manager:
         s = resolve_step(manager, step)
+        if step == "latest":
+            intact = intact_steps(manager)
+            if not intact:
+                raise _damaged(manager, s, verify(Path(directory) / str(s)) or "unreadable")
+            s = intact[-1]
+        else:
+            _check_intact(manager, s, step)
         restored = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored["meta"])
+
+
+def _check_intact(manager: ocp.CheckpointManager, step: int, asked: int | str) -> None:
+    why = verify(Path(manager.directory) / str(step))
+    if why is not None:
+        raise _damaged(manager, step, why, " (the best)" if asked == "best" else "")
 
 
 def _to_arrays(tree: Any) -> Any:
@@ -244,6 +409,7 @@ def restore_variables(directory: str | Path,
     """
     with create_manager(directory, read_only=True, asynchronous=False) as manager:
         s = resolve_step(manager, step)
+        _check_intact(manager, s, step)
         restored = manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     tree = restored["state"]

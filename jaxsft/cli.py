@@ -57,7 +57,8 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         if code is None:
             raise
         label = "stopped" if code > 128 else "error"
-        print(f"{prog}: {label}: {e or type(e).__name__}", file=sys.stderr)
+        text = getattr(e, "cli_message", None) or e  # the command line's words, if different
+        print(f"{prog}: {label}: {text or type(e).__name__}", file=sys.stderr)
         sys.exit(code)
     sys.exit(0)
 

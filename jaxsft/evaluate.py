@@ -33,7 +33,7 @@ def run_config(workdir: str, **overrides: object) -> config.Config:
     if not path.is_file():
         raise ConfigError(f"{workdir} is not a jaxsft workdir (no config.json); "
                           "pass the --workdir of a training run")
-    cfg = config.load(path)
+    cfg = config.load(path).replace(workdir=str(workdir))  # the workdir may have moved
     return cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 

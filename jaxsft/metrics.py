@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -45,9 +46,16 @@ def reduce_eval(batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line: {"step": ..., "split": ..., <scalars>}."""
+    """Appends one JSON object per line: {"step": ..., "split": ..., <scalars>}.
 
-    def __init__(self, path: str | Path):
+    With `after`, rows of later steps already in the file (a run that stopped between
+    checkpoints, now resumed at step `after`, replays them) and any torn last line are dropped
+    first, by an atomic rewrite: the file never holds a step twice.
+    """
+
+    def __init__(self, path: str | Path, after: int | None = None):
+        if after is not None:
+            _keep_rows_until(Path(path), after)
         self._file = open(path, "a", buffering=1)
 
     def write(self, step: int, scalars: Mapping[str, float], split: str) -> None:
@@ -55,6 +63,28 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _keep_rows_until(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = []
+    lines = path.read_text().splitlines()
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a crash
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
 
 
 class TensorBoardWriter:

@@ -35,9 +35,12 @@ def predict(workdir: str, images: Sequence[str], checkpoint_step: int | str = "b
     from jaxsft.trainer import CHECKPOINT_DIR
 
     cfg = run_config(workdir)
-    missing = [p for p in images if not Path(p).is_file()]
-    if missing:
-        raise ConfigError(f"no such image file: {missing[0]}")
+    for p in images:
+        if Path(p).is_dir():
+            raise ConfigError(f"{p} is a directory, not an image file: pass its images "
+                              f"(e.g. {Path(p) / '*.jpg'})")
+        if not Path(p).is_file():
+            raise ConfigError(f"no such image file: {p}")
     variables, meta = checkpoint.restore_variables(Path(workdir) / CHECKPOINT_DIR,
                                                    checkpoint_step)
     names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]

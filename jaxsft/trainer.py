@@ -7,6 +7,7 @@ Start priority (big_vision's): the workdir's own checkpoint, then `--resume PATH
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,6 +22,7 @@ import numpy as np
 import optax
 
 from jaxsft import checkpoint, data, metrics, optim, steps
+from jaxsft import config as config_lib
 from jaxsft import workdir as workdir_lib
 from jaxsft.config import Config, ConfigError
 from jaxsft.models import ARCHITECTURES, create_model
@@ -140,7 +142,10 @@ def restore_or_init(cfg: Config, plan: Plan, manager) -> tuple[TrainState, str]:
     resuming = bool(manager.all_steps() or cfg.run.resume)  # then --weights is not read
     state = initial_state(cfg, plan, pretrained=not resuming)
     if manager.all_steps():
-        state, _ = checkpoint.restore(manager, state, "latest")
+        # A damaged newest step is passed over (with a warning) for the newest intact one.
+        state, _ = checkpoint.restore(manager, state, "latest", fallback=True)
+        if jax.process_index() == 0:  # steps after it would block the saves to come
+            checkpoint.set_aside_after(manager, int(state.step))
         return state, f"resumed from {manager.directory} at step {int(state.step)}"
     if cfg.run.resume:
         directory, step = _checkpoint_location(cfg.run.resume)
@@ -164,33 +169,79 @@ def _checkpoint_location(path: str) -> tuple[Path, str | int]:
 
 
 def fit(cfg: Config) -> TrainState:
-    """Trains per `cfg`, writing config, checkpoints, metrics and plot into the workdir."""
+    """Trains per `cfg`, writing config, checkpoints, metrics and plot into the workdir.
+
+    The workdir is locked first (process 0), before anything there is written or deleted;
+    config.json is written only once the start (weights, data, restore) has succeeded.
+    """
     started = time.perf_counter()
     plan = make_plan(cfg)
+    _check_classes(plan)
     is_main = jax.process_index() == 0
-    workdir = workdir_lib.prepare(cfg, write=is_main)
     say = _printer(is_main)
-    manager = checkpoint.create_manager(workdir / CHECKPOINT_DIR, keep=cfg.run.keep,
-                                        asynchronous=cfg.run.async_checkpoints)
-    try:
-        state, origin = restore_or_init(cfg, plan, manager)
-        say(f"{cfg.model.model} on {plan.info.name}: {plan.num_classes} classes, "
-            f"{plan.info.train_examples} train examples, {plan.total_steps} steps "
-            f"({plan.steps_per_epoch}/epoch) on {jax.device_count()} {jax.default_backend()} "
-            f"device(s); {origin}")
-        writer = _writers(workdir) if is_main else metrics.MultiWriter([])
+    with (workdir_lib.lock(cfg.run.workdir) if is_main else contextlib.nullcontext()):
+        directory = Path(cfg.run.workdir) / CHECKPOINT_DIR
+        workdir = workdir_lib.prepare(cfg, write=is_main, save=False,
+                                      checkpoint_config=lambda: _checkpoint_config(directory))
+        if is_main:  # a read-only place fails here, not inside Orbax's threads and barriers
+            workdir_lib.check_writable(workdir)
+            workdir_lib.check_writable(directory)
+        manager = checkpoint.create_manager(directory, keep=cfg.run.keep,
+                                            asynchronous=cfg.run.async_checkpoints)
         try:
-            state, skipped = _train_loop(cfg, plan, state, manager, writer, say)
-        finally:
+            state, origin = restore_or_init(cfg, plan, manager)
+            if is_main:
+                workdir_lib.save_config(cfg, workdir)
+            say(f"{cfg.model.model} on {plan.info.name}: {plan.num_classes} classes, "
+                f"{plan.info.train_examples} train examples, {plan.total_steps} steps "
+                f"({plan.steps_per_epoch}/epoch) on {jax.device_count()} "
+                f"{jax.default_backend()} device(s); {origin}")
+            writer = (_writers(workdir, resumed_at=int(state.step)) if is_main
+                      else metrics.MultiWriter([]))
+            try:
+                state, skipped = _train_loop(cfg, plan, state, manager, writer, say)
+            except BaseException:
+                writer.close()
+                _wait_after_failure(manager)
+                raise
             writer.close()
             checkpoint.wait(manager)
-    finally:
-        manager.close()
-    if is_main:
-        summary = _summarize(workdir, wall_s=time.perf_counter() - started, skipped=skipped)
-        metrics.plot_curves(workdir / METRICS_FILE, workdir / PLOT_FILE)
-        say(_summary_line(summary, plan.num_classes) + f"\nplot: {workdir / PLOT_FILE}")
+        finally:
+            manager.close()
+        if is_main:
+            summary = _summarize(workdir, wall_s=time.perf_counter() - started,
+                                 skipped=skipped)
+            metrics.plot_curves(workdir / METRICS_FILE, workdir / PLOT_FILE)
+            say(_summary_line(summary, plan.num_classes) + f"\nplot: {workdir / PLOT_FILE}")
     return state
+
+
+def _check_classes(plan: Plan) -> None:
+    """A classifier needs two classes or more, and an output for every class of the data."""
+    have = plan.info.num_classes
+    if have < 2:
+        raise ConfigError(f"{plan.info.name} has {have} class{'es' if have != 1 else ''}: a "
+                          "classifier needs two or more; add a folder (or labels) per class")
+    if plan.num_classes < have:
+        raise ConfigError(f"--num-classes {plan.num_classes} is below the {have} classes of "
+                          f"{plan.info.name}: labels {plan.num_classes}..{have - 1} would "
+                          f"have no output; pass --num-classes {have} (or leave it out)")
+
+
+def _checkpoint_config(directory: Path) -> Config | None:
+    """The config kept in the newest intact checkpoint (None if none can be read)."""
+    try:
+        meta = checkpoint.read_meta(directory, "latest")
+        return config_lib.from_dict(meta["config"]) if "config" in meta else None
+    except (checkpoint.CheckpointError, ConfigError, KeyError, ValueError):
+        return None
+
+
+def _wait_after_failure(manager) -> None:
+    """After a failed run: finish (and seal) a save in progress if it can finish; a save that
+    failed too is reported by the first error, not this one."""
+    with contextlib.suppress(Exception):
+        checkpoint.wait(manager)
 
 
 def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
@@ -342,6 +393,8 @@ def evaluate(cfg: Config, checkpoint_step: int | str = "best") -> dict[str, floa
     if not directory.is_dir():
         raise ConfigError(f"no checkpoints in {cfg.run.workdir}; train there first")
     with checkpoint.create_manager(directory, read_only=True, asynchronous=False) as manager:
+        # A damaged step is an error naming it: evaluating another step silently would not
+        # be what was asked.
         state, meta = checkpoint.restore(manager, initial_state(cfg, plan, pretrained=False),
                                          checkpoint_step)
     result = run_eval(steps.pmap_eval_step(), steps.replicate(_evaluated(state)), cfg)
@@ -356,7 +409,9 @@ def _flush(window, step: int, writer, clock: _Throughput, batch_size: int) -> di
     if bad:
         raise TrainingError(
             f"the loss became non-finite (lr {float(bad[0]['lr']):.3g}) by step {step}; the "
-            "last checkpoint is kept. Lower --lr, add --clip-grad-norm or --warmup-epochs")
+            "last checkpoint is kept. Lower --lr, add --clip-grad-norm or --warmup-epochs, "
+            "with a new --workdir (this one keeps its config); add --resume <this workdir> "
+            "to start from its last good checkpoint")
     row = metrics.reduce_train(rows)
     row["images_per_s"] = clock.tick(len(rows) * batch_size)
     writer.write(step, row, "train")
@@ -380,8 +435,10 @@ def _first_replica(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(x)[0] if np.ndim(x) else x, tree)
 
 
-def _writers(workdir: Path) -> metrics.MultiWriter:
-    return metrics.MultiWriter([metrics.JsonlWriter(workdir / METRICS_FILE),
+def _writers(workdir: Path, resumed_at: int = 0) -> metrics.MultiWriter:
+    """The run's metric writers; rows after `resumed_at` (steps to be replayed after a crash
+    or stop between checkpoints) are dropped from metrics.jsonl first."""
+    return metrics.MultiWriter([metrics.JsonlWriter(workdir / METRICS_FILE, after=resumed_at),
                                 metrics.TensorBoardWriter(workdir / "tensorboard")])
 
 

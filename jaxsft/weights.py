@@ -103,7 +103,21 @@ WORKDIR_CHECKPOINTS = "checkpoints"  # a jaxsft workdir's (jaxsft.trainer.CHECKP
 
 
 class WeightsError(ValueError):
-    """Weights that cannot be loaded as asked; the message names the fix."""
+    """Weights that cannot be loaded as asked; the message names the fix.
+
+    `cli_message`, where set, says the same in the command line's words (flags, not
+    arguments): what `python -m jaxsft.X` prints.
+    """
+
+    def __init__(self, message: str, cli_message: str | None = None):
+        super().__init__(message)
+        self.cli_message = cli_message
+
+
+def _wrong_arch(origin: object, held: str, arch: str) -> WeightsError:
+    """The file holds another architecture: the library's fix and the command line's."""
+    what = f"{origin} holds {held} weights, not {arch}"
+    return WeightsError(f"{what}: pass arch='{held}'", cli_message=f"{what}: pass --model {held}")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -230,7 +244,7 @@ def resolve_source(source: str | os.PathLike, arch: str, *,
         url = torchvision_url(spec)
         held = spec.partition(".")[0]
         if held != arch:
-            raise WeightsError(f"{text} holds {held} weights, not {arch}: pass arch='{held}'")
+            raise _wrong_arch(text, held, arch)
         return fetch(url, cache_dir=cache_dir, sha256=sha256)
     if name in URL_SCHEMES and text[len(name):].startswith("://"):
         return fetch(text, cache_dir=cache_dir, sha256=sha256)
@@ -424,8 +438,7 @@ def _read_converted(path: Path, arch: str) -> dict[str, np.ndarray]:
     """The state dict of a converted directory, after checking its architecture."""
     meta = read_converted_metadata(path)
     if meta["arch"] != arch:
-        raise WeightsError(f"{path} holds {meta['arch']} weights, not {arch}: "
-                           f"pass arch='{meta['arch']}'")
+        raise _wrong_arch(path, meta["arch"], arch)
     import orbax.checkpoint as ocp
 
     ckpt = (path / VARIABLES_DIR).absolute()
@@ -597,7 +610,7 @@ def _check_tensors(sd: Mapping[str, np.ndarray], layout: Mapping[str, _Slot], ar
     """Raise one WeightsError naming the first unexplained tensor, or the file's real arch."""
     held = infer_arch(sd)
     if held is not None and held != arch:
-        raise WeightsError(f"{origin} holds {held} weights, not {arch}: pass arch='{held}'")
+        raise _wrong_arch(origin, held, arch)
     missing = [k for k in layout if k not in sd]
     unexpected = [k for k in sd if k not in layout]
     misshapen = [k for k in layout if k in sd and tuple(sd[k].shape) != layout[k].shape]

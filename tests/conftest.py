@@ -1,4 +1,5 @@
-"""Test-wide set-up: 4 virtual CPU devices (before JAX starts), x64 on demand, no network."""
+"""Test-wide set-up: 4 virtual CPU devices (before JAX starts), x64 on demand, no network, and
+the compilation cache in the session's own temporary directory."""
 
 import os
 import tempfile
@@ -39,6 +40,10 @@ def own_tempdir(tmp_path_factory):
           pytest.MonkeyPatch.context() as patch):
         patch.setenv("TMPDIR", path)
         patch.setattr(tempfile, "tempdir", path)
+        # The compilation cache and downloads ($JAXSFT_CACHE) of this session and its child
+        # processes: never the user's ~/.cache/jaxsft. Shared within the session, so a child
+        # process loads what an earlier one compiled.
+        patch.setenv("JAXSFT_CACHE", os.path.join(path, "jaxsft-cache"))
         yield
 
 

@@ -1,4 +1,5 @@
-"""Orbax checkpoints: exact round trip, latest + best kept, interrupted saves ignored."""
+"""Orbax checkpoints: exact round trip, latest + best kept, interrupted saves ignored, damaged
+steps named and passed over."""
 
 import errno
 import logging
@@ -104,7 +105,11 @@ def test_empty_directory_is_a_clear_error(tmp_path):
         checkpoint.read_meta(tmp_path)
 
 
-def test_saves_without_metrics_do_not_log_orbaxs_warning(tmp_path, caplog):
+def test_saves_without_metrics_do_not_log_orbaxs_warning(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    for name in ("absl", "asyncio"):
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    checkpoint.quiet_orbax()  # what jaxsft.setup() does for the CLIs
     with caplog.at_level("WARNING"), checkpoint.create_manager(tmp_path) as m:
         checkpoint.save(m, make_state(1), {})
         m.wait_until_finished()
@@ -133,6 +138,7 @@ def test_a_failed_write_says_why_and_which_step_a_rerun_resumes_from(tmp_path, m
             patch.setattr(m, "wait_until_finished", raising(ORBAX_FULL_DISK))
             with pytest.raises(CheckpointError) as failed:
                 checkpoint.wait(m)
+            patch.setattr(m, "wait_until_finished", lambda: None)
             patch.setattr(m, "save", raising(PermissionError(errno.EACCES, "Permission denied")))
             with pytest.raises(CheckpointError, match="Permission denied; fix that or use another "
                                                       "--workdir, then rerun .* from step 3"):
@@ -186,3 +192,74 @@ def test_quiet_orbax_installs_its_filters_and_hook_once(monkeypatch):
         assert [type(f) for f in logging.getLogger(name).filters] == [checkpoint._OrbaxNoise]
     assert isinstance(sys.unraisablehook, checkpoint._ClosedLoopHook)
     assert not isinstance(sys.unraisablehook.previous, checkpoint._ClosedLoopHook)
+
+
+def saved_steps(directory, steps=(1, 2)):
+    """Checkpoints at `steps`, each sealed (checksummed) as the trainer's saves are."""
+    with checkpoint.create_manager(directory, keep=5) as m:
+        for step in steps:
+            checkpoint.save(m, make_state(step, seed=step), {"step_seed": step})
+        checkpoint.wait(m)
+    return directory
+
+
+def largest_file(step_dir):
+    return max((f for f in step_dir.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+def truncate(f):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def scribble(f):
+    """Garbage over the middle of the file, its size unchanged."""
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    data[mid - 64: mid + 64] = np.random.default_rng(0).bytes(len(data[mid - 64: mid + 64]))
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, why", [(truncate, "truncated"),
+                                         (scribble, "sha256 differs"),
+                                         (lambda f: f.unlink(), "is missing")])
+def test_a_damaged_step_is_named_and_resuming_falls_back_to_the_newest_intact_one(
+        tmp_path, damage, why):
+    saved_steps(tmp_path)
+    assert (tmp_path / "2" / checkpoint.MANIFEST_FILE).is_file()
+    damage(largest_file(tmp_path / "2" / "state"))
+    warnings = []
+    with checkpoint.create_manager(tmp_path, read_only=True) as m:
+        with pytest.raises(checkpoint.DamagedCheckpoint,
+                           match=rf"checkpoint {tmp_path}/2 is damaged: .*{why}.*intact: 1"):
+            checkpoint.restore(m, make_state(), 2)
+        with pytest.raises(checkpoint.DamagedCheckpoint, match=rf"{tmp_path}/2 is damaged"):
+            checkpoint.restore(m, make_state(), "latest")  # no fallback: never another step
+        restored, meta = checkpoint.restore(m, make_state(), "latest", fallback=True,
+                                            warn=warnings.append)
+        assert checkpoint.intact_steps(m) == [1]
+    assert_same(restored, make_state(1, seed=1)) and meta["step_seed"] == 1
+    assert len(warnings) == 2 and f"{tmp_path}/2 is damaged" in warnings[0]
+    assert "resuming from step 1" in warnings[1]
+    assert checkpoint.read_meta(tmp_path)["step"] == 1  # 'latest' meta: the newest intact
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=rf"{tmp_path}/2 is damaged"):
+        checkpoint.restore_variables(tmp_path, 2)
+
+
+def test_when_every_step_is_damaged_resuming_says_so_and_loads_nothing(tmp_path):
+    saved_steps(tmp_path)
+    for step in (1, 2):
+        scribble(largest_file(tmp_path / str(step) / "state"))
+    with checkpoint.create_manager(tmp_path, read_only=True) as m, pytest.raises(
+            checkpoint.DamagedCheckpoint, match=r"/1 is damaged: .*no other intact checkpoint"):
+        checkpoint.restore(m, make_state(), "latest", fallback=True, warn=lambda _: None)
+
+
+def test_the_steps_after_the_one_resumed_are_set_aside_not_deleted(tmp_path):
+    saved_steps(tmp_path / "checkpoints", steps=(1, 2, 3))
+    with checkpoint.create_manager(tmp_path / "checkpoints") as m:
+        checkpoint.set_aside_after(m, 1)
+        assert m.all_steps() == [1]
+        checkpoint.save(m, make_state(2, seed=5), {})
+        checkpoint.wait(m)
+        assert m.all_steps() == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "checkpoints-damaged").iterdir()) == ["2", "3"]

@@ -23,10 +23,16 @@ def test_workdir_saves_config_and_accepts_operational_changes(tmp_path):
     workdir.prepare(cfg.replace(keep=9, log_every=1, eval_every=5))  # not run-defining
 
 
+def a_run_in(wd):
+    """What a run that saved its first checkpoint leaves: a finished step directory."""
+    (wd / "checkpoints" / "3").mkdir(parents=True)
+
+
 def test_workdir_of_another_config_is_refused_and_never_overwritten(tmp_path):
     wd = tmp_path / "w"
     cfg = Config().replace(workdir=str(wd), lr=0.1)
     workdir.prepare(cfg)
+    a_run_in(wd)
     (wd / "precious").write_text("checkpoint")
     with pytest.raises(ConfigError, match=r"different config \(lr 0.1 -> 0.2\).*--overwrite"):
         workdir.prepare(cfg.replace(lr=0.2))
@@ -112,6 +118,7 @@ def test_a_finished_run_continues_for_longer_where_its_schedule_allows(tmp_path,
     extra = {"milestones": (1.0,)} if schedule == "multistep" else {}
     cfg = Config().replace(workdir=str(tmp_path / "w"), schedule=schedule, steps=3, **extra)
     workdir.prepare(cfg)
+    a_run_in(tmp_path / "w")
     longer = cfg.replace(steps=6, extend=extend)
     if not accepted:
         with pytest.raises(ConfigError, match=rf"\(steps 3 -> 6\) whose {schedule} schedule "

@@ -1,6 +1,7 @@
 """The product end to end: train, resume, evaluate, predict, and every way a run can fail."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from PIL import Image
 
 from jaxsft import checkpoint, predict, trainer
 from jaxsft.config import Config, ConfigError
-from jaxsft.trainer import CHECKPOINT_DIR, TrainingError, evaluate, fit
+from jaxsft.trainer import CHECKPOINT_DIR, evaluate, fit
 
 CLASSES = ("circle", "square", "stripes")
 SIZE = 16
@@ -155,29 +156,35 @@ def test_resume_after_sigterm_is_bit_exact(folder, tmp_path):
 
 def test_a_signal_landing_mid_step_is_saved_at_the_step_it_stops(folder, tmp_path,
                                                                   monkeypatch):
-    # The stop flag turns true between two reads inside one iteration (read 4 = step 3's
-    # second look, before the fix): the run must stop at a step it has saved.
+    # The stop flag turns true at step 3's look: no evaluation (every 4 steps, an epoch) and no
+    # checkpoint (every 1000) is due there, so only the save on a stop request keeps it.
     class LateSignal(trainer.StopRequest):
         reads = 0
 
         @property
         def requested(self):
             LateSignal.reads += 1
-            self.signal_name = "SIGTERM" if LateSignal.reads >= 4 else None
+            self.signal_name = "SIGTERM" if LateSignal.reads >= 3 else None
             return self.signal_name is not None
 
     monkeypatch.setattr(trainer, "StopRequest", LateSignal)
     cfg = small_config(folder, tmp_path / "run", steps=8, checkpoint_every=1000)
     with pytest.raises(trainer.Preempted) as stopped:
         fit(cfg)
+    assert stopped.value.step == 3
     with checkpoint.create_manager(tmp_path / "run" / CHECKPOINT_DIR, read_only=True) as m:
-        assert m.all_steps() == [stopped.value.step]
+        assert m.all_steps() == [3]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):
-    cfg = small_config(folder, tmp_path / "run", lr=1e30, steps=20, checkpoint_every=1)
-    with pytest.raises(TrainingError, match="non-finite.*Lower --lr"):
-        fit(cfg)
+    cfg = small_config(folder, tmp_path / "run", lr=1e30, steps=20)
+    out = cli("jaxsft.train", *flags(cfg), "--checkpoint-every", "1")
+    assert out.returncode == 1, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert "non-finite" in last and "Lower --lr" in last and "new --workdir" in last, last
+    bad = int(re.search(r"by step (\d+)", last).group(1))
+    with checkpoint.create_manager(tmp_path / "run" / CHECKPOINT_DIR, read_only=True) as m:
+        assert max(m.all_steps()) == bad - 1  # the step before the loss broke, not after
     variables = final_variables(tmp_path / "run")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
@@ -244,3 +251,63 @@ def test_resume_does_not_need_the_weights_file_any_more(folder, tmp_path):
     fit(cfg)
     weights.unlink()  # the workdir's checkpoint outranks --weights: nothing reads the file now
     assert int(fit(cfg).step) == 2
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory) -> Path:
+    """An easy task: which of red, green, blue dominates a noisy image (16 + 8 per class)."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 16), ("test", 8)):
+        for channel, name in enumerate(("blue", "green", "red")[::-1]):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 90, (16, 16, 3)).astype(np.uint8)
+                img[..., channel] += 120
+                Image.fromarray(img).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_a_run_learns_an_easy_task(colours, tmp_path):
+    cfg = small_config(colours, tmp_path / "run", steps=20, lr=0.05, log_every=10,
+                       eval_every=20)
+    fit(cfg)
+    result = evaluate(cfg, "latest")
+    assert result["count"] == 24 and result["top1"] >= 0.75, result  # chance is 1/3
+
+
+def test_the_trainer_wires_every_step_option(folder, tmp_path, monkeypatch):
+    seen = {}
+
+    class Wired(Exception):
+        pass
+
+    def capture(**options):
+        seen.update(options)
+        raise Wired
+
+    monkeypatch.setattr(trainer.steps, "pmap_train_step", capture)
+    real_initial_state = trainer.initial_state
+
+    def spy(cfg, plan, pretrained=True):
+        state = real_initial_state(cfg, plan, pretrained)
+        seen["dtype"] = state.apply_fn.__self__.dtype
+        return state
+
+    monkeypatch.setattr(trainer, "initial_state", spy)
+    import jaxsft
+    from jaxsft.models import create_model
+
+    model = create_model("resnet18", num_classes=3)
+    weights = tmp_path / "pretrained.safetensors"
+    jaxsft.save_torch_state_dict(jax.jit(model.init)(jax.random.key(1), np.zeros(
+        (1, SIZE, SIZE, 3), np.float32)), weights)
+    cfg = small_config(folder, tmp_path / "a", bn="frozen", accum_steps=2, label_smoothing=0.1,
+                       dtype="bfloat16", weights=str(weights))
+    with pytest.raises(Wired):
+        fit(cfg)
+    assert seen["bn_mode"] == "frozen" and seen["accum_steps"] == 2
+    assert seen["label_smoothing"] == 0.1 and seen["dtype"] == jax.numpy.bfloat16
+    with pytest.raises(Wired):
+        fit(small_config(folder, tmp_path / "b", recipe="linear-probe", weights=str(weights)))
+    assert seen["bn_mode"] == "frozen"  # a linear probe keeps the backbone's statistics

@@ -11,6 +11,11 @@ or more) by a permutation seeded with a fixed seed, not the run's: every run, wh
 all splits together, so a class missing from one split keeps its index. Files are listed
 sorted, so the index is the same on every machine; unreadable files are found later, when
 decoded (see jaxsft.data.pipeline).
+
+Symbolic links are followed (images kept on another disk are common), except a link that
+would make a split hold itself or another split's images: one that resolves to the split, to
+a folder above it, or into another split's folder is skipped with a warning. (Links to folders
+below a class folder are not followed at all, as pathlib's rglob does not.)
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ def scan(root: str, val_fraction: float) -> FolderIndex:
         raise DataError(f"folder data set {root!r}: no such directory; give the path of a "
                         "directory of images, as /path/to/images or folder:/path/to/images")
     split_dirs = [d for d in _subdirs(path) if d.name in SPLIT_DIRS and _subdirs(d)]
-    by_split = {d.name: _class_files(d) for d in split_dirs} or {"train": _class_files(path)}
+    by_split = ({d.name: _class_files(d, [o for o in split_dirs if o != d]) for d in split_dirs}
+                or {"train": _class_files(path, [])})
     classes = tuple(sorted({c for files in by_split.values() for c, f in files.items() if f}))
     if not classes:
         raise DataError(
@@ -84,17 +90,36 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _class_files(path: Path) -> dict[str, list[str]]:
-    """{class folder name: its image files, recursively, sorted}."""
+def _class_files(path: Path, other_splits: list[Path]) -> dict[str, list[str]]:
+    """{class folder name: its image files, recursively, sorted}; links that leave the split
+    (see the module's docstring) are skipped."""
+    split, others = path.resolve(), [o.resolve() for o in other_splits]
     out = {}
     for d in _subdirs(path):
+        if d.is_symlink() and _leaks(d, split, others):
+            continue
         out[d.name] = sorted(
             str(f) for f in d.rglob("*")
             if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".") and f.is_file()
+            and not (f.is_symlink() and _leaks(f, split, others))
         )
         if not out[d.name]:
             log.warning("class folder %s holds no images; ignored", d)
     return out
+
+
+def _leaks(link: Path, split: Path, others: list[Path]) -> bool:
+    """Whether a link resolves to its split, a folder above it, or into another split."""
+    target = link.resolve()
+    if split.is_relative_to(target):
+        where = "its own split or a folder above it"
+    elif any(target.is_relative_to(o) for o in others):
+        where = "another split"
+    else:
+        return False
+    log.warning("skipped %s: the link leads to %s (%s), whose images would be counted "
+                "twice or leak between training and evaluation", link, where, target)
+    return True
 
 
 def _carve(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:

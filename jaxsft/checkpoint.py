@@ -28,13 +28,14 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import serialization
-from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_policy
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 BEST_METRIC = "top1"
 MANIFEST_FILE = "jaxsft-sha256.json"
@@ -92,20 +93,23 @@ class DamagedCheckpoint(CheckpointError):
     """A checkpoint step whose files are not those written (truncated, altered, missing)."""
 
 
-class Manager(ocp.CheckpointManager):
-    """Orbax's manager, remembering the steps this process saved and has not sealed yet (their
-    checksums are written once their asynchronous save has finished)."""
+def _orbax() -> Any:
+    """orbax.checkpoint, imported at first use: its import configures Python's logging
+    (`logging.basicConfig`), which importing jaxsft must not do to its host program."""
+    import orbax.checkpoint
 
-    unsealed: list[int]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.unsealed = []
+    return orbax.checkpoint
 
 
-def create_manager(directory: str | Path, keep: int = 3, *,
-                   asynchronous: bool = True, read_only: bool = False) -> Manager:
-    """Keeps the `keep` latest checkpoints plus the best one by validation top-1."""
+def create_manager(directory: str | Path, keep: int = 3, *, asynchronous: bool = True,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+    """Keeps the `keep` latest checkpoints plus the best one by validation top-1.
+
+    The manager also remembers (`unsealed`) the steps this process saved and has not sealed
+    yet: their checksums are written once their asynchronous save has finished.
+    """
+    ocp = _orbax()
+    keep_policy = ocp.checkpoint_managers.preservation_policy
     policy = keep_policy.AnyPreservationPolicy([
         keep_policy.LatestN(n=keep),
         keep_policy.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
@@ -120,7 +124,10 @@ def create_manager(directory: str | Path, keep: int = 3, *,
         read_only=read_only,
         create=not read_only,
     )
-    return Manager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
+    manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                    item_names=("state", "meta"))
+    manager.unsealed = []
+    return manager
 
 
 def save(manager: ocp.CheckpointManager, state: Any, meta: dict[str, Any],
@@ -131,12 +138,13 @@ def save(manager: ocp.CheckpointManager, state: Any, meta: dict[str, Any],
     if step in manager.all_steps():
         return  # already saved at this step (e.g. an eval save followed by the final one)
     wait(manager)  # where an earlier asynchronous save's failure surfaces; then it is sealed
+    ocp = _orbax()
     with _writing(manager):
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(arrays),
             meta=ocp.args.JsonSave({**meta, "step": step}),
         ), metrics=metrics)
-    if isinstance(manager, Manager):
+    if hasattr(manager, "unsealed"):
         manager.unsealed.append(step)
 
 
@@ -147,7 +155,7 @@ def wait(manager: ocp.CheckpointManager) -> None:
         for step in getattr(manager, "unsealed", ()):
             if jax.process_index() == 0 and (Path(manager.directory) / str(step)).is_dir():
                 seal(Path(manager.directory) / str(step))
-        if isinstance(manager, Manager):
+        if hasattr(manager, "unsealed"):
             manager.unsealed.clear()
 
 
@@ -290,6 +298,7 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | str = "late
     `fallback` ('latest' only: resuming), a damaged or unreadable step is passed over, with a
     `warn`ing, for the newest one that is intact; otherwise it is an error naming the step.
     """
+    ocp = _orbax()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                             _to_arrays(serialization.to_state_dict(target)))
     chosen = resolve_step(manager, step)
@@ -371,7 +380,8 @@ def read_meta(directory: str | Path, step: int | str = "latest") -> dict[str, An
             s = intact[-1]
         else:
             _check_intact(manager, s, step)
-        restored = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        args = _orbax().args
+        restored = manager.restore(s, args=args.Composite(meta=args.JsonRestore()))
     return dict(restored["meta"])
 
 
@@ -410,8 +420,9 @@ def restore_variables(directory: str | Path,
     with create_manager(directory, read_only=True, asynchronous=False) as manager:
         s = resolve_step(manager, step)
         _check_intact(manager, s, step)
-        restored = manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        args = _orbax().args
+        restored = manager.restore(s, args=args.Composite(state=args.StandardRestore(),
+                                                          meta=args.JsonRestore()))
     tree = restored["state"]
     prefix = "ema_" if tree.get("ema_params") is not None else ""
     return ({"params": tree[prefix + "params"], "batch_stats": tree[prefix + "batch_stats"]},

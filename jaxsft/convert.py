@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxsft.models import list_models
+from jaxsft.process import setup
 from jaxsft.weights import (
     METADATA_FILE,
     VARIABLES_DIR,
@@ -180,6 +181,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: 0 on success; one line on stderr and status 2 on any error."""
     args = _parser().parse_args(argv)
+    setup()  # the CLIs' process-wide settings, Orbax's noise after a failed write among them
     try:
         out = convert(args.arch, args.source, args.out, num_classes=args.num_classes,
                       seed=args.seed, force=args.force, cache_dir=args.cache_dir,

@@ -79,8 +79,11 @@ def run(workdir: Path, *, pretrain_epochs: float, finetune_epochs: float,
               f"{labels_per_class} labels per class")
         run_dir = workdir / name.replace(" ", "_").replace("-", "_")
         steps = math.ceil(finetune_epochs * (5 * labels_per_class // FEWSHOT_BATCH))
-        # The usual fine-tuning recipe: the new head learns 10x faster than the backbone.
-        recipe = dict(weights=weights, lr=0.01, head_lr_mult=10.0) if weights else {}
+        # The usual fine-tuning recipe: the new head learns 10x faster than the backbone. The
+        # pretrained head knows digits 0-4: five classes, as many as 5-9 but other ones, so
+        # --new-head (keeping it started the loss at 15-18 where ln 5 = 1.6).
+        recipe = (dict(weights=weights, new_head=True, lr=0.01, head_lr_mult=10.0)
+                  if weights else {})
         fit(demo_config(run_dir, fewshot_data, steps=steps, batch_size=FEWSHOT_BATCH,
                         log_every=1, eval_every=max(1, steps // 4), **recipe))
         evals[name] = [r for r in read_jsonl(run_dir / METRICS_FILE) if r["split"] == "eval"]

@@ -311,3 +311,20 @@ def test_the_trainer_wires_every_step_option(folder, tmp_path, monkeypatch):
     with pytest.raises(Wired):
         fit(small_config(folder, tmp_path / "b", recipe="linear-probe", weights=str(weights)))
     assert seen["bn_mode"] == "frozen"  # a linear probe keeps the backbone's statistics
+
+
+def test_the_demo_pretrains_exports_and_fine_tunes_with_a_new_head(tmp_path, capsys):
+    from jaxsft import demo
+
+    # 5 pretraining steps; 20 labelled images (4 per class) make one fine-tuning step an epoch.
+    result = demo.run(tmp_path, pretrain_epochs=0.2, finetune_epochs=2, labels_per_class=4)
+    out = capsys.readouterr().out
+    assert (tmp_path / "pretrained_resnet18.safetensors").is_file()
+    assert "fine-tuned from the pretrained resnet18:" in out
+    assert "trained from random initialisation:" in out
+    assert set(result) == {"fine-tuned", "from scratch"}
+    assert all(0 <= v <= 1 for v in result.values())
+    # The fine-tuned run starts from a new 5-class head, not the one of digits 0-4: its first
+    # loss is near ln 5, never the 15-18 of a confidently wrong old head.
+    rows = [json.loads(line) for line in (tmp_path / "fine_tuned" / "metrics.jsonl").open()]
+    assert rows[0]["split"] == "train" and rows[0]["loss"] < 5

@@ -293,3 +293,61 @@ def test_default_cache_dir_is_in_the_users_cache(monkeypatch, tmp_path):
     monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "mine"))
     assert cache.default_cache_dir() == tmp_path / "mine" / "jax-cache"
 
+
+
+def test_gpu_session_compile_options_exist_and_unknown_ones_are_dropped():
+    """Every XLA option the GPU session passes is a real DebugOptions field of this jaxlib
+    (XLA:CPU accepts the GPU ones and ignores them; a misspelt name is an error), so the
+    GPU's minutes are not lost to a typo; one the GPU's XLA no longer knows is dropped."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import gpu_session
+
+    lowered = jax.jit(lambda x: jnp.sin(x) @ x).lower(jnp.ones((4, 4)))
+    options = {**gpu_session.COMPILE_LEVERS, **gpu_session.CONCURRENT,
+               "xla_gpu_dump_autotune_results_to": "unused.txt"}
+    _, applied = gpu_session.compile_with(lowered, options)
+    assert applied == options
+    _, applied = gpu_session.compile_with(lowered, {"xla_gpu_autotune_levle": 2, **options})
+    assert applied == options
+
+
+def test_gpu_session_hlo_audit():
+    from benchmarks import gpu_session
+
+    text = ("  %a = f32[8,56,56,64]{3,2,1,0} fusion(%x), kind=kLoop\n"
+            "  %b = bf16[8,56,56,64]{3,2,1,0} custom-call(%a), "
+            "custom_call_target=\"__cudnn$conv\"\n"
+            "  %c = f32[64]{0} all-reduce(%b)\n")
+    audit = gpu_session.hlo_audit(text, 8)
+    assert audit["fusions"] == 1 and audit["custom_calls"] == 1
+    assert audit["cudnn_convolutions"] == 1 and audit["all_reduces"] == 1
+    assert audit["f32_activation_buffers_b8"] == 1 and audit["bf16_activation_buffers_b8"] == 1
+
+
+@pytest.mark.slow
+def test_gpu_run_script_smoke(tmp_path):
+    """benchmarks/gpu_run.sh end to end on the CPU with JAXSFT_GPU_TINY=1 (resnet18, 32x32,
+    batch 4): every stage of the GPU session runs and writes its JSON, no TensorFlow. About
+    2 minutes on an idle 2-core CPU (4 under load): slow-marked."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAXSFT_GPU_TINY="1", OUT=str(tmp_path))
+    proc = subprocess.run(["bash", "benchmarks/gpu_run.sh"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["errors"] == {} and summary["skipped"] == {}
+    assert summary["imported_tensorflow"] is False
+    stages = ("v1-cold", "v2-defaults", "v3-pad4", "v4-nocoll", "v5-concurrent",
+              "input-cache", "v6-batch512")
+    assert set(stages) <= set(summary["images_per_s"])
+    assert summary["cold_start_compile_s"] > 0 and summary["warm_cache_compile_s"] >= 0
+    baseline = json.loads((tmp_path / "baseline.json").read_text())
+    assert set(baseline["runners"]) == {"jaxsft", "jaxsft-v1", "torch-cl", "torch-compile"}
+    assert baseline["runners"]["torch-compile"]["compile_s"] > 0
+    v1 = json.loads((tmp_path / "v1-cold.json").read_text())
+    assert v1["flops_per_step"]["model-count"] == 4 * flops.count(
+        "resnet18", 32, num_classes=10)["train_step"]
+    assert v1["mfu_flops_source"] == "model-count" and v1["mfu"] > 0
+    assert (tmp_path / "best-hlo.txt").stat().st_size > 0

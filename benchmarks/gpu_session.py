@@ -1,7 +1,7 @@
 """One GPU session, one process: baseline, levers, honest MFU, cold start, cached input path.
 
     python -m benchmarks.gpu_session --out $OUT                # ResNet-50, 224, bf16, b256
-    python -m benchmarks.gpu_session --out /tmp/s --tiny       # CPU smoke test (~1 minute)
+    python -m benchmarks.gpu_session --out /tmp/s --tiny       # CPU smoke test (2-4 minutes)
 
 Stages, in order (benchmarks/gpu_notes.md says why; /work/shared/notes/gpu-leads.md's "One
 script"), each in try/except, each written to `$OUT/<stage>.json` as soon as it ends, so a
@@ -22,7 +22,11 @@ kill loses only the stage in progress; a stage whose estimated cost no longer fi
  7. input-cache: the cached on-device input path (jaxsft.data.device_cache: RandomResizedCrop,
     flip, normalise in JAX) feeding the best step, against the same step on synthetic
     device-resident data, alternating; and the augmentation alone;
- 8. v6-batch512: the best configuration at batch 512 (fresh autotuning: last).
+ 8. v6-batch512: the best configuration at batch 512 (fresh autotuning);
+ 9. v7-scan / v7-unrolled: the cold-start lever F, if time is left: the prototype of
+    benchmarks/cold_start.py (identical blocks under nn.scan) against the same plain-jit step
+    unrolled, both compiled now (convolutions' autotuning already cached in-process, so
+    the difference is XLA's own compile work).
 Every step variant reports lower and compile seconds, images/s (median of timed blocks),
 MFU from the model's FLOP count (benchmarks/flops.py) with XLA's estimates beside it, and
 peak memory. `summary.json` collects them; the best variant's optimised HLO and a BatchNorm
@@ -66,7 +70,8 @@ TINY = dict(model="resnet18", image_size=32, batch=4, big_batch=8, classes=10,
 # Estimated seconds on an H200 (cold cache: 109 s measured for v2's compile); a stage is
 # skipped when fewer remain. Generous: a kill by the outer timeout loses more.
 ESTIMATE_S = {"v2-defaults": 90, "baseline": 150, "v3-pad4": 60, "v4-nocoll": 60,
-              "v5-concurrent": 60, "input-cache": 60, "v6-batch512": 120}
+              "v5-concurrent": 60, "input-cache": 60, "v6-batch512": 120, "v7-unrolled": 60,
+              "v7-scan": 60}
 
 
 class StepRunner:
@@ -179,15 +184,19 @@ def compile_with(lowered: Any, options: dict[str, Any]) -> tuple[Any, dict[str, 
 
 
 def build_step(ses: Session, name: str, options: dict[str, Any], *, pad4: bool = False,
-               collectives: bool = True, batch: int | None = None) -> tuple[StepRunner, dict]:
+               collectives: bool = True, batch: int | None = None,
+               scan: bool = False) -> tuple[StepRunner, dict]:
     """A jaxsft train step (the seed's SGD, bf16) compiled with `options`: pmapped over one
     device with BatchNorm's and the gradients' collectives (jaxsft's product path), or a
-    plain jit without them; the input padded to 4 channels with `pad4`."""
-    from jaxsft import TrainState, create_model, steps
+    plain jit without them; the input padded to 4 channels with `pad4`; with `scan`, the
+    model of benchmarks/cold_start.py (repeated blocks under nn.scan; no collectives)."""
+    from benchmarks import cold_start
+    from jaxsft import TrainState, steps
 
     z = ses.sizes
     b, size, channels = batch or z["batch"], z["image_size"], 4 if pad4 else 3
-    model = create_model(z["model"], num_classes=z["classes"], dtype=jnp.bfloat16)
+    model = cold_start.make_model(z["model"], "scan" if scan else "plain", z["classes"],
+                                  jnp.bfloat16)
     s = throughput.Settings(model=z["model"], image_size=size, batch_size=b,
                             num_classes=z["classes"])
     variables = jax.jit(functools.partial(model.init, train=False))(
@@ -214,13 +223,15 @@ def build_step(ses: Session, name: str, options: dict[str, Any], *, pad4: bool =
     compiled, applied = compile_with(lowered, options)
     t2 = time.perf_counter()
     cache_state = throughput.cache_state(jax.config.jax_compilation_cache_dir, entries)
+    text = compiled.as_text()
     info = {
         "options": applied, "options_dropped": sorted(set(options) - set(applied)),
         "pad4": pad4, "collectives": collectives, "batch": b, "model": z["model"],
+        "scan": scan, "hlo_lines": text.count("\n"),
         "image_size": size, "dtype": "bf16",
         "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
         "compilation_cache": cache_state,
-        "has_all_reduce": "all-reduce" in compiled.as_text(),
+        "has_all_reduce": "all-reduce" in text,
         "flops_per_step": {
             "model-count": ses.per_image["train_step"] * b,
             "xla-cost-analysis": throughput.compiled_flops(compiled),
@@ -413,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     ses.run("input-cache", input_cache, ses, best["options"])
     ses.run("v6-batch512", variant, ses, "jaxsft-b512", best["options"], pad4=best["pad4"],
             collectives=best["collectives"], batch=sizes["big_batch"])
+    for stage, scan in (("v7-unrolled", False), ("v7-scan", True)):
+        ses.run(stage, variant, ses, f"jaxsft-{stage}", best["options"], collectives=False,
+                scan=scan)
+        gc.collect()
     try:  # the best configuration's optimised HLO, for the BatchNorm audit
         runner, _ = build_step(ses, "best", best["options"], pad4=best["pad4"],
                                collectives=best["collectives"])

@@ -340,7 +340,7 @@ def test_gpu_run_script_smoke(tmp_path):
     assert summary["errors"] == {} and summary["skipped"] == {}
     assert summary["imported_tensorflow"] is False
     stages = ("v1-cold", "v2-defaults", "v3-pad4", "v4-nocoll", "v5-concurrent",
-              "input-cache", "v6-batch512")
+              "input-cache", "v6-batch512", "v7-unrolled", "v7-scan")
     assert set(stages) <= set(summary["images_per_s"])
     assert summary["cold_start_compile_s"] > 0 and summary["warm_cache_compile_s"] >= 0
     baseline = json.loads((tmp_path / "baseline.json").read_text())

@@ -351,3 +351,4 @@ def test_gpu_run_script_smoke(tmp_path):
         "resnet18", 32, num_classes=10)["train_step"]
     assert v1["mfu_flops_source"] == "model-count" and v1["mfu"] > 0
     assert (tmp_path / "best-hlo.txt").stat().st_size > 0
+    assert summary["hlo_audit"]["lines"] > 0 and baseline["torch_failed"] == {}

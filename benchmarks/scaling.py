@@ -73,7 +73,7 @@ def run(s: Any, counts: Sequence[int] | None, argv: Sequence[str] = (),
         devices = local[:n]
         loop = throughput.build_jax_loop(s, devices, cache_dir, say, variables)
         blocks = throughput.measure([loop], s, say)
-        e = throughput.entry(loop, blocks[loop.name], s.batch_size * n, loop.flops,
+        e = throughput.entry(loop, blocks[loop.name], s.batch_size * n, loop.mfu_flops,
                              s.peak_tflops, devices[0].device_kind)
         runs.append({"devices": n, **e})
         del loop  # frees its device buffers before the next count

@@ -7,11 +7,14 @@
 Reports images/s, ms/step (median and quartiles over timed steps after warm-up, each step
 synchronised with the device unless --sync block), lower and compile time (with the
 persistent compilation cache's hit or miss), peak device memory where the backend reports
-it, XLA's memory plan of the compiled step, and MFU: the compiled step's FLOPs (XLA cost
-analysis, per device) over the median step time, against the device's peak (benchmarks/peaks.py,
-or --peak-tflops). The jaxsft step is `jaxsft.train_step` pmapped over the first --devices
-devices, exactly as `jaxsft.steps.pmap_train_step` builds it, with jaxsft's optimizer set as
-the seed's (SGD lr 0.01, momentum 0.9) and cross-entropy.
+it, XLA's memory plan of the compiled step, and MFU: the model's FLOPs per step
+(benchmarks/flops.py: counted per layer, 3 x forward, "model-count") over the median step time,
+against the device's peak (benchmarks/peaks.py, or --peak-tflops). XLA's cost analysis of the
+compiled step ("xla-cost-analysis", which on GPUs misses the cuDNN convolutions) and of the
+unoptimised one ("xla-cost-analysis-lowered") are kept beside it as cross-checks. The jaxsft
+step is `jaxsft.train_step` pmapped over the first --devices devices, exactly as
+`jaxsft.steps.pmap_train_step` builds it, with jaxsft's optimizer set as the seed's (SGD lr
+0.01, momentum 0.9) and cross-entropy.
 
 When torch is installed the same run times the seed's loop on torchvision's model with the
 same shapes (benchmarks/torch_loop.py), in alternating rounds (jaxsft, torch variants,
@@ -44,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import peaks, torch_loop
+from benchmarks import flops, peaks, torch_loop
 from jaxsft import compilation_cache as cache
 from jaxsft import cpu
 
@@ -142,6 +145,14 @@ class JaxLoop:
         self.lower_s, self.compile_s = t1 - t0, t2 - t1
         self.cache_state = cache_state(cache_dir, before)
         self.flops = compiled_flops(self.compiled)
+        per_image = model_flops(s)
+        self.flop_counts = {
+            "model-count": per_image * s.batch_size if per_image else None,
+            "xla-cost-analysis": self.flops,
+            "xla-cost-analysis-lowered": flops.lowered_flops(lowered),
+        }
+        self.mfu_flops, self.mfu_flops_source = flops.mfu_flops(
+            self.flop_counts["model-count"], self.flops)
         self.memory_plan = memory_plan(self.compiled)
         self.metrics: dict[str, jax.Array] | None = None
 
@@ -169,6 +180,8 @@ class JaxLoop:
             "compile_s": self.compile_s,
             "compilation_cache": self.cache_state,
             "flops_per_device_step": self.flops,
+            "flop_counts_per_device_step": self.flop_counts,
+            "mfu_flops_source": self.mfu_flops_source,
             "compiled_memory_bytes": self.memory_plan,
             "dtype": self.dtype,
         }
@@ -241,6 +254,14 @@ def cache_state(cache_dir: Path | None, entries_before: int) -> str:
     if after > entries_before:
         return "miss"
     return "hit" if after else "not stored"
+
+
+def model_flops(s: Settings) -> float | None:
+    """The model's FLOPs per example of one training step (benchmarks.flops), or None."""
+    try:
+        return float(flops.count(s.model, s.image_size, num_classes=s.num_classes)["train_step"])
+    except Exception:  # an architecture the counter cannot trace: MFU falls back to XLA's
+        return None
 
 
 def compiled_flops(compiled: Any) -> float | None:
@@ -403,7 +424,7 @@ def run(s: Settings, argv: Sequence[str] = (), say=print) -> dict[str, Any]:
     results = {}
     for r in runners:
         n = len(devices) if r is jax_loop else 1
-        results[r.name] = {**entry(r, blocks[r.name], s.batch_size * n, jax_loop.flops,
+        results[r.name] = {**entry(r, blocks[r.name], s.batch_size * n, jax_loop.mfu_flops,
                                    s.peak_tflops, devices[0].device_kind), **host[r.name]}
     notes += automatic_notes(s, backend, len(devices), load_before, load_after)
     return {
@@ -427,8 +448,8 @@ def build_jax_loop(s: Settings, devices: list[jax.Device], cache_dir: Path | Non
 
 def entry(r: Runner, blocks: list[list[float]], global_batch: int, flops: float | None,
           peak: float | None, device_kind: str) -> dict[str, Any]:
-    """One runner's figures. `flops` (per device and step) come from the compiled JAX step:
-    the same model and shapes, so they serve the torch variants' MFU too."""
+    """One runner's figures. `flops` (per device and step: the model count, or XLA's) come
+    from the JAX side: the same model and shapes, so they serve the torch variants' MFU too."""
     info = r.describe()
     stats = summarize([t for b in blocks for t in b])
     peak = peak if peak is not None else peaks.peak_tflops(device_kind, info["dtype"])
@@ -623,9 +644,12 @@ def format_table(result: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     jax_r = result["results"]["jaxsft"]
-    if jax_r["flops_per_device_step"]:
-        gflop = jax_r["flops_per_device_step"] / s["batch_size"] / 1e9
-        lines.append(f"XLA cost analysis: {gflop:.2f} GFLOP per image per train step")
+    counts = {k: f"{v / s['batch_size'] / 1e9:.2f}"
+              for k, v in jax_r.get("flop_counts_per_device_step", {}).items() if v}
+    if counts:
+        lines.append("GFLOP per image per train step: "
+                     + ", ".join(f"{k} {v}" for k, v in counts.items())
+                     + f"; MFU from {jax_r['mfu_flops_source']}")
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
 

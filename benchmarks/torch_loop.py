@@ -6,6 +6,12 @@ The seed's loop is `model.train()`, `CrossEntropyLoss()`, `SGD(lr=0.01, momentum
 - "torch": exactly that, fp32, NCHW (the seed as written).
 - "torch-cl": channels_last memory format (the usual CPU speed-up, oneDNN's preferred layout).
 - "torch-amp-cl": autocast to bf16 plus channels_last, torch's best ordinary form on a GPU.
+- "torch-compile": "torch" with the model and loss under `torch.compile` (default mode:
+  TorchInductor, no CUDA graphs): AOTAutograd compiles the forward and the backward, the
+  optimizer step stays the seed's eager SGD.
+- "torch-compile-amp-cl": "torch-amp-cl" under `torch.compile` the same way (CUDA only).
+The compiled variants compile on their first step; `compile_s` reports that first step's
+time (compilation, and on CUDA cuDNN's benchmark search, plus one step), beside jaxsft's.
 
 torch is imported only when a loop is built, so the JAX benchmark runs where torch is absent.
 """
@@ -14,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import time
 from typing import Any
 
-VARIANTS = ("torch", "torch-cl", "torch-amp-cl")
+VARIANTS = ("torch", "torch-cl", "torch-amp-cl", "torch-compile", "torch-compile-amp-cl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,12 +31,15 @@ class Variant:
     name: str
     channels_last: bool
     amp_bf16: bool
+    compiled: bool = False
 
 
 def variant(name: str) -> Variant:
     if name not in VARIANTS:
         raise ValueError(f"unknown torch variant {name!r}; choose from {', '.join(VARIANTS)}")
-    return Variant(name, channels_last=name != "torch", amp_bf16=name == "torch-amp-cl")
+    amp = name.endswith("amp-cl")
+    return Variant(name, channels_last=name not in ("torch", "torch-compile"), amp_bf16=amp,
+                   compiled=name.startswith("torch-compile"))
 
 
 def torch_available() -> bool:
@@ -46,7 +56,7 @@ class TorchLoop:
 
     def __init__(self, name: str, *, model: str, num_classes: int, image_size: int,
                  batch_size: int, bn_mode: str, lr: float, momentum: float, device: str,
-                 seed: int = 0) -> None:
+                 seed: int = 0, compile_backend: str = "inductor") -> None:
         import torch
         import torchvision
 
@@ -74,14 +84,24 @@ class TorchLoop:
         self.images = x.to(self.device).contiguous(memory_format=fmt)
         self.labels = torch.randint(0, num_classes, (batch_size,), generator=gen).to(self.device)
         self._loss: Any = None
+        self._forward = self._loss_of
+        self.compile_s: float | None = None
+        self.compile_backend = compile_backend  # "inductor"; tests use "aot_eager"
+        if self.variant.compiled:
+            self._forward = torch.compile(self._loss_of, backend=compile_backend)
+            t0 = time.perf_counter()
+            self.step(sync=True)  # torch.compile compiles on the first call
+            self.compile_s = time.perf_counter() - t0
+
+    def _loss_of(self, images: Any, labels: Any) -> Any:
+        with self._torch.autocast(self.device.type, dtype=self._torch.bfloat16,
+                                  enabled=self.variant.amp_bf16):
+            return self.criterion(self.model(images), labels)
 
     def step(self, sync: bool = True) -> None:
         """One step of the seed's loop; with `sync`, returns when the device is done."""
-        torch = self._torch
         self.optimizer.zero_grad()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                            enabled=self.variant.amp_bf16):
-            loss = self.criterion(self.model(self.images), self.labels)
+        loss = self._forward(self.images, self.labels)
         loss.backward()
         self.optimizer.step()
         self._loss = loss.detach()
@@ -110,6 +130,11 @@ class TorchLoop:
             "dtype": "bf16" if self.variant.amp_bf16 else "fp32",
             "threads": torch.get_num_threads(),
         }
+        if self.variant.compiled:
+            out["torch_compile"] = (f"backend {self.compile_backend}, default mode; model "
+                                    "+ loss compiled, eager SGD")
+            out["compile_s"] = self.compile_s
+            out["compilation_cache"] = "torch-inductor"
         if self.device.type == "cuda":
             out["cudnn_benchmark"] = True
             out["tf32_conv"] = bool(torch.backends.cudnn.allow_tf32)

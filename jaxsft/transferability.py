@@ -91,6 +91,29 @@ def _maximise(fun, lo: float, hi: float, points: int = 513, iterations: int = 10
     return float(max(fun(np.array([a, b, grid[i]]))))
 
 
+def _spectrum(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(U [N, k], sigma [k]): F's left singular vectors and squared singular values for its
+    k = numerical rank nonzero ones, from the eigendecomposition of the smaller Gram matrix
+    (F F^T or F^T F: much faster than an SVD of F for N, D in the thousands). Directions with
+    sigma below 10 max(N, D) eps sigma_max (the eigensolver's rounding; s / s_max ~ 1e-6 for
+    thousands of features, below what float32 features resolve) are dropped: with them F is
+    rank-deficient, and their share of the evidence vanishes."""
+    if f.shape[0] <= f.shape[1]:
+        sigma, u = np.linalg.eigh(f @ f.T)
+    else:
+        sigma, v = np.linalg.eigh(f.T @ f)
+        u = None
+    keep = sigma > max(sigma.max(initial=0.0), 0.0) * 10 * max(f.shape) * np.finfo(np.float64).eps
+    if not keep.any():
+        raise ValueError("the features are all zero: LogME needs a nonzero feature")
+    sigma = sigma[keep]
+    if u is None:
+        u = (f @ v[:, keep]) / np.sqrt(sigma)
+    else:
+        u = u[:, keep]
+    return u, sigma
+
+
 def logme_evidences(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """LogME's per-class maximised log evidence / N, for each class present, in order
     (a class without examples has no evidence to weigh: its all-zero column is skipped).
@@ -99,9 +122,9 @@ def logme_evidences(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     noise ~ N(0, I / beta), and log p(y | F, alpha, beta) is maximised over alpha and beta
     (You et al., ICML 2021). F is used as given (no centring, as the paper). The evidence is
     exact for any rank of F: only its k nonzero singular values enter (k = the numerical rank,
-    as numpy's matrix_rank counts it), see `_log_evidence`, so N < D (fewer images than
-    features) is right; the reference implementation's D/2 log alpha adds (D - k)/2 log alpha
-    there, which favours wider models.
+    see `_spectrum` and `_log_evidence`), so N < D (fewer images than features) is right;
+    the reference implementation's D/2 log alpha adds (D - k)/2 log alpha there, which
+    favours wider models.
 
     The maximum is found exactly rather than by the paper's fixed-point iteration: beta has a
     closed form given t = alpha / beta, and t is searched over a log grid spanning F's
@@ -111,17 +134,16 @@ def logme_evidences(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """
     f, y = _check(features, labels)
     n = len(y)
-    u, s, _ = np.linalg.svd(f, full_matrices=False)
-    k = int(np.sum(s > s.max(initial=0.0) * max(f.shape) * np.finfo(np.float64).eps))
-    if k == 0:
-        raise ValueError("the features are all zero: LogME needs a nonzero feature")
-    u, sigma = u[:, :k], s[:k] ** 2
+    u, sigma = _spectrum(f)
     lo, hi = np.log(sigma.min()) - 30.0, np.log(sigma.max()) + 30.0
     out = []
     for c in np.unique(y):
         target = (y == c).astype(np.float64)
         x = u.T @ target
-        x2, rest = x * x, max(float(target @ target - x @ x), 0.0)
+        # y's part outside F's column space; none when F's columns span R^N (its rounding
+        # would otherwise decide the limit beta -> infinity)
+        rest = 0.0 if len(sigma) == n else max(float(target @ target - x @ x), 0.0)
+        x2 = x * x
         out.append(_maximise(lambda v, x2=x2, rest=rest: _log_evidence(v, x2, rest, sigma, n),
                              lo, hi))
     return np.array(out)

@@ -295,8 +295,8 @@ def evaluate_candidate(candidate: Candidate, cfg: DataConfig, scores: Sequence[s
                            "errors": {}, "error": None}
     try:
         got = cached_features(candidate, cfg, workdir, max_examples=max_examples, seed=seed)
-    except cli.user_errors() as e:
-        row["error"] = getattr(e, "cli_message", None) or str(e)
+    except cli.user_errors() as e:  # the library's words: "arch" is the spec's ARCH here
+        row["error"] = str(e)
         return row
     except Exception as e:  # noqa: BLE001 - one broken candidate must not lose the others
         log.exception("candidate %s failed", candidate.spec)
@@ -424,6 +424,15 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def train_command(winner: Candidate, data_flags: Sequence[str],
+                  train_flags: Sequence[str]) -> list[str]:
+    """`python -m jaxsft.train` with the winner's --model/--weights, the data flags select was
+    given, then the --then-train flags (which win where they repeat one)."""
+    weights = [] if winner.weights == RANDOM else ["--weights", winner.weights]
+    return [sys.executable, "-m", "jaxsft.train", "--model", winner.arch, *weights,
+            *data_flags, *train_flags]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -445,10 +454,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         best = result["candidates"][0]
         if best.get("rank") is None:
             raise ConfigError(f"no candidate has a {args.rank_by} score to pick a winner")
-        weights = [] if best["weights"] == RANDOM else ["--weights", best["weights"]]
-        command = [sys.executable, "-m", "jaxsft.train", "--model", best["arch"], *weights,
-                   *data_flags, *args.then_train]
-        print("winner:", best["spec"], "\n$", " ".join(command[1:]), flush=True)
+        command = train_command(parse_candidate(best["spec"]), data_flags, args.then_train)
+        print(f"winner: {best['spec']}\n$ python {' '.join(command[1:])}", flush=True)
         raise SystemExit(subprocess.run(command).returncode)
 
 

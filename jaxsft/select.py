@@ -171,8 +171,11 @@ def _batches(cfg: DataConfig, max_examples: int | None, seed: int, train_example
 
 
 def extract_features(candidate: Candidate, cfg: DataConfig, *, max_examples: int | None = None,
-                     seed: int = 0) -> Features:
-    """Penultimate features, labels and (with a source head) logits of the train split."""
+                     seed: int = 0, compiled: dict | None = None) -> Features:
+    """Penultimate features, labels and (with a source head) logits of the train split.
+
+    `compiled` (a dict the caller keeps) shares the compiled forward pass between candidates
+    of one architecture and head size, which differ only in their variables."""
     import itertools
 
     import jax
@@ -186,7 +189,9 @@ def extract_features(candidate: Candidate, cfg: DataConfig, *, max_examples: int
         from jaxsft import cpu
 
         model = cpu.accelerate(model)
-    forward = _forward(model)
+    compiled = {} if compiled is None else compiled
+    key = (candidate.arch, int(variables["params"]["fc"]["bias"].shape[0]))
+    forward = compiled[key] = compiled.get(key) or _forward(model)
     replicated = steps.replicate(variables)
     stream, count, subset = _batches(cfg, max_examples, seed, info.train_examples)
     parts: dict[str, list[np.ndarray]] = {"features": [], "logits": [], "labels": []}
@@ -223,10 +228,12 @@ def _cache_key(candidate: Candidate, cfg: DataConfig, max_examples: int | None,
 
 
 def cached_features(candidate: Candidate, cfg: DataConfig, workdir: str | None, *,
-                    max_examples: int | None = None, seed: int = 0) -> Features:
+                    max_examples: int | None = None, seed: int = 0,
+                    compiled: dict | None = None) -> Features:
     """`extract_features`, kept in `workdir/features/<arch>-<key>.npz` when a workdir is given."""
     if workdir is None:
-        return extract_features(candidate, cfg, max_examples=max_examples, seed=seed)
+        return extract_features(candidate, cfg, max_examples=max_examples, seed=seed,
+                                compiled=compiled)
     key = _cache_key(candidate, cfg, max_examples, seed)
     path = Path(workdir) / "features" / f"{candidate.arch}-{key}.npz"
     if path.is_file():
@@ -234,7 +241,8 @@ def cached_features(candidate: Candidate, cfg: DataConfig, workdir: str | None, 
             logits = z["logits"] if z["logits"].size else None
             return Features(z["features"], z["labels"], logits, float(z["seconds"]),
                             cached=True)
-    got = extract_features(candidate, cfg, max_examples=max_examples, seed=seed)
+    got = extract_features(candidate, cfg, max_examples=max_examples, seed=seed,
+                           compiled=compiled)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
     np.savez(tmp, features=got.features, labels=got.labels, seconds=got.seconds,
@@ -288,13 +296,14 @@ def score(name: str, got: Features, candidate: Candidate, seed: int = 0) -> floa
 
 def evaluate_candidate(candidate: Candidate, cfg: DataConfig, scores: Sequence[str], *,
                        workdir: str | None = None, max_examples: int | None = None,
-                       seed: int = 0) -> dict[str, Any]:
+                       seed: int = 0, compiled: dict | None = None) -> dict[str, Any]:
     """One row: the candidate's scores and seconds; `error` says why where it failed."""
     row: dict[str, Any] = {"spec": candidate.spec, "arch": candidate.arch,
                            "weights": candidate.weights, "scores": {}, "seconds": {},
                            "errors": {}, "error": None}
     try:
-        got = cached_features(candidate, cfg, workdir, max_examples=max_examples, seed=seed)
+        got = cached_features(candidate, cfg, workdir, max_examples=max_examples, seed=seed,
+                              compiled=compiled)
     except cli.user_errors() as e:  # the library's words: "arch" is the spec's ARCH here
         row["error"] = str(e)
         return row
@@ -338,8 +347,9 @@ def select(candidates: Sequence[Candidate], cfg: DataConfig, *,
         if name not in SCORES:
             raise ConfigError(f"unknown score {name!r}; known: {', '.join(SCORES)}")
     info = data.dataset_info(cfg)  # a bad data set or an empty split: one error, before all
+    compiled: dict = {}  # one compiled forward pass per architecture and head size
     rows = [evaluate_candidate(c, cfg, scores, workdir=workdir, max_examples=max_examples,
-                               seed=seed) for c in candidates]
+                               seed=seed, compiled=compiled) for c in candidates]
     return {"dataset": cfg.dataset, "split": cfg.train_split, "image_size": cfg.image_size,
             "train_examples": info.train_examples, "max_examples": max_examples,
             "seed": seed, "rank_by": rank_by, "candidates": rank(rows, rank_by)}

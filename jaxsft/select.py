@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -304,8 +305,9 @@ def evaluate_candidate(candidate: Candidate, cfg: DataConfig, scores: Sequence[s
     try:
         got = cached_features(candidate, cfg, workdir, max_examples=max_examples, seed=seed,
                               compiled=compiled)
-    except cli.user_errors() as e:  # the library's words: "arch" is the spec's ARCH here
-        row["error"] = str(e)
+    except cli.user_errors() as e:  # the fix in the spec's words, not load_weights' arch=
+        row["error"] = re.sub(r"pass arch='(\w+)'",
+                              lambda m: f"write {m.group(1)}={candidate.weights}", str(e))
         return row
     except Exception as e:  # noqa: BLE001 - one broken candidate must not lose the others
         log.exception("candidate %s failed", candidate.spec)

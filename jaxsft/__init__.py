@@ -36,6 +36,11 @@ _EXPORTS = {
     "evaluate": "jaxsft.trainer",
     "Config": "jaxsft.config",
     "ConfigError": "jaxsft.config",
+    "logme": "jaxsft.transferability",
+    "leep": "jaxsft.transferability",
+    "nleep": "jaxsft.transferability",
+    "linear_probe_accuracy": "jaxsft.transferability",
+    "knn_accuracy": "jaxsft.transferability",
 }
 
 __all__ = sorted(_EXPORTS)

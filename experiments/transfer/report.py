@@ -1,0 +1,88 @@
+"""The table (mean ± std over seeds, best arm per budget in bold) and the label-efficiency
+plot of one results JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def cells(record: dict) -> dict[tuple[str, object], list[float]]:
+    out: dict[tuple[str, object], list[float]] = {}
+    for r in record["runs"]:
+        out.setdefault((r["arm"], r["budget"]), []).append(100 * r["top1"])
+    return out
+
+
+def _label(budget) -> str:
+    return "all" if budget is None else str(budget)
+
+
+def markdown(record: dict) -> str:
+    c = cells(record)
+    arms = list(dict.fromkeys(r["arm"] for r in record["runs"]))
+    budgets = list(dict.fromkeys(r["budget"] for r in record["runs"]))
+    budgets.sort(key=lambda b: float("inf") if b is None else b)
+    best = {b: max((np.mean(c[a, b]) for a in arms if (a, b) in c), default=None)
+            for b in budgets}
+    lines = ["| arm \\ labels per class | " + " | ".join(_label(b) for b in budgets) + " |",
+             "| --- |" + " ---: |" * len(budgets)]
+    for a in arms:
+        row = []
+        for b in budgets:
+            v = c.get((a, b))
+            if not v:
+                row.append("")
+                continue
+            text = f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"
+            row.append(f"**{text}**" if np.mean(v) == best[b] else text)
+        lines.append(f"| {a} | " + " | ".join(row) + " |")
+    seeds = sorted({r["seed"] for r in record["runs"]})
+    lines.append(f"\nTop-1 (%) on the fixed test set of {record['runs'][0]['test_count']} "
+                 f"images, mean ± sample std over seeds {seeds}; bold: the best mean per "
+                 "budget.")
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = cells(record)
+    arms = list(dict.fromkeys(r["arm"] for r in record["runs"]))
+    budgets = sorted({r["budget"] for r in record["runs"]},
+                     key=lambda b: float("inf") if b is None else b)
+    xs = {b: (max(x for x in budgets if x is not None) * 4 if b is None else b)
+          for b in budgets} if any(b is not None for b in budgets) else {None: 1}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for a in arms:
+        bs = [b for b in budgets if (a, b) in c]
+        ax.errorbar([xs[b] for b in bs], [np.mean(c[a, b]) for b in bs],
+                    yerr=[np.std(c[a, b], ddof=1) if len(c[a, b]) > 1 else 0 for b in bs],
+                    label=a, marker="o", capsize=3,
+                    linewidth=2.5 if a in ("scratch", "seed", "bit") else 1.2)
+    ax.set_xscale("log")
+    ax.set_xticks([xs[b] for b in budgets], [_label(b) for b in budgets])
+    ax.set_xlabel("labels per class")
+    ax.set_ylabel("top-1 on the fixed test set (%)")
+    ax.set_title(f"{record['table']}, {record['model']}: fine-tuned from printed characters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(record: dict, stem: Path) -> None:
+    stem.with_suffix(".md").write_text(markdown(record) + "\n")
+    plot(record, stem.with_suffix(".png"))
+
+
+if __name__ == "__main__":  # python -m experiments.transfer.report results/X.json
+    p = Path(sys.argv[1])
+    write(json.loads(p.read_text()), p.with_suffix(""))

@@ -78,8 +78,47 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def auto_check(record: dict, candidate: str = "bit") -> str:
+    """The protocol's test of a candidate `auto` arm, per budget: its lead over scratch and
+    the seed's recipe in units of the standard error of the difference of means (> 2 wanted at
+    <= 10 labels per class), and its gap to the best arm in the same unit (<= 1 wanted)."""
+    c = cells(record)
+    budgets = sorted({r["budget"] for r in record["runs"]},
+                     key=lambda b: float("inf") if b is None else b)
+    arms = list(dict.fromkeys(r["arm"] for r in record["runs"]))
+
+    def gap(a: str, b: str, budget) -> tuple[float, float]:
+        x, y = c[a, budget], c[b, budget]
+        se = np.sqrt(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y)) \
+            if min(len(x), len(y)) > 1 else float("nan")
+        return np.mean(x) - np.mean(y), se
+
+    lines = [f"| labels per class | {candidate} - scratch | {candidate} - seed | best arm | "
+             f"best - {candidate} |", "| --- | ---: | ---: | --- | ---: |"]
+    for b in budgets:
+        if (candidate, b) not in c:
+            continue
+        row = [_label(b)]
+        for other in ("scratch", "seed"):
+            if (other, b) in c:
+                d, se = gap(candidate, other, b)
+                row.append(f"{d:+.1f} ({d / se:+.1f} se)")
+            else:
+                row.append("")
+        best = max((a for a in arms if (a, b) in c), key=lambda a: np.mean(c[a, b]))
+        d, se = gap(best, candidate, b) if best != candidate else (0.0, 1.0)
+        row += [best, f"{d:.1f} ({d / se:.1f} se)"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("\nse: the standard error of the difference of the two means over seeds.")
+    return "\n".join(lines)
+
+
 def write(record: dict, stem: Path) -> None:
-    stem.with_suffix(".md").write_text(markdown(record) + "\n")
+    text = markdown(record)
+    if any(r["arm"] == "bit" for r in record["runs"]):
+        text += "\n\nThe candidate `auto` (bit) against the protocol's test:\n\n" + \
+            auto_check(record)
+    stem.with_suffix(".md").write_text(text + "\n")
     plot(record, stem.with_suffix(".png"))
 
 

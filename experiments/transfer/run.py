@@ -20,7 +20,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 BUDGETS = {"digits": (1, 2, 5, 10, 25, None), "lfw": (5, 10, 25, None)}  # None: all labels
-PRETRAIN = dict(steps=300, train_per_face=8)
+PRETRAIN = dict(steps=800, train_per_face=8)
 QUICK = dict(budgets=(1, 5), arms=("scratch", "seed", "bit"), seeds=(0,), steps=4,
              pretrain_steps=6, train_per_face=1)
 

@@ -28,6 +28,10 @@ def markdown(record: dict) -> str:
     budgets.sort(key=lambda b: float("inf") if b is None else b)
     best = {b: max((np.mean(c[a, b]) for a in arms if (a, b) in c), default=None)
             for b in budgets}
+    diverged: dict = {}
+    for r in record["runs"]:
+        if r.get("diverged"):
+            diverged[r["arm"], r["budget"]] = diverged.get((r["arm"], r["budget"]), 0) + 1
     lines = ["| arm \\ labels per class | " + " | ".join(_label(b) for b in budgets) + " |",
              "| --- |" + " ---: |" * len(budgets)]
     for a in arms:
@@ -38,12 +42,15 @@ def markdown(record: dict) -> str:
                 row.append("")
                 continue
             text = f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"
+            if diverged.get((a, b)):
+                text += " †" * diverged[a, b]
             row.append(f"**{text}**" if np.mean(v) == best[b] else text)
         lines.append(f"| {a} | " + " | ".join(row) + " |")
     seeds = sorted({r["seed"] for r in record["runs"]})
     lines.append(f"\nTop-1 (%) on the fixed test set of {record['runs'][0]['test_count']} "
                  f"images, mean ± sample std over seeds {seeds}; bold: the best mean per "
-                 "budget.")
+                 "budget. †: a seed whose loss became non-finite (the run failed), counted "
+                 "at chance.")
     return "\n".join(lines)
 
 
@@ -122,6 +129,22 @@ def write(record: dict, stem: Path) -> None:
     plot(record, stem.with_suffix(".png"))
 
 
-if __name__ == "__main__":  # python -m experiments.transfer.report results/X.json
-    p = Path(sys.argv[1])
-    write(json.loads(p.read_text()), p.with_suffix(""))
+def merged(paths: list[Path]) -> dict:
+    """One record from several JSONs of the same table (processes that ran other seeds)."""
+    records = [json.loads(p.read_text()) for p in paths]
+    out = dict(records[0], runs=[])
+    seen = set()
+    for r in records:
+        for row in r["runs"]:
+            if (row["arm"], row["budget"], row["seed"]) not in seen:
+                seen.add((row["arm"], row["budget"], row["seed"]))
+                out["runs"].append(row)
+    return out
+
+
+if __name__ == "__main__":  # python -m experiments.transfer.report X.json [more seeds.json]
+    paths = [Path(a) for a in sys.argv[1:]]
+    record = merged(paths)
+    if len(paths) > 1:
+        paths[0].write_text(json.dumps(record, indent=1))
+    write(record, paths[0].with_suffix(""))

@@ -56,7 +56,7 @@ def run_cell(table: str, model: str, arm_name: str, budget: int | None, seed: in
     from experiments.transfer import arms, targets
     from jaxsft.config import Config
     from jaxsft.metrics import read_jsonl
-    from jaxsft.trainer import METRICS_FILE, fit
+    from jaxsft.trainer import METRICS_FILE, TrainingError, fit
 
     data = workdir / "data" / f"{table}_b{budget or 'all'}_s{seed}"
     if not data.exists():
@@ -70,17 +70,24 @@ def run_cell(table: str, model: str, arm_name: str, budget: int | None, seed: in
         fields["new_head"] = True
     run = workdir / "cells" / f"{table}_{model}_{arm_name}_b{budget or 'all'}_s{seed}"
     started = time.perf_counter()
-    fit(Config().replace(**{
-        "model": model, "dataset": f"folder:{data}", "image_size": 32, "augment": "none",
-        "batch_size": arms.BATCH, "eval_batch_size": 100, "steps": steps, "eval_every": steps,
-        "checkpoint_every": steps, "log_every": steps, "keep": 1, "workdir": str(run),
-        "seed": seed, "overwrite": True, **fields}))
+    diverged = None
+    try:
+        fit(Config().replace(**{
+            "model": model, "dataset": f"folder:{data}", "image_size": 32, "augment": "none",
+            "batch_size": arms.BATCH, "eval_batch_size": 100, "steps": steps,
+            "eval_every": steps, "checkpoint_every": steps, "log_every": steps, "keep": 1,
+            "workdir": str(run), "seed": seed, "overwrite": True, **fields}))
+        last = [r for r in read_jsonl(run / METRICS_FILE) if r["split"] == "eval"][-1]
+        top1, count = float(last["top1"]), int(last["count"])
+    except TrainingError as e:  # a non-finite loss: what a user gets is a failed run
+        diverged = str(e).split(";")[0]
+        classes = {p.parent.name for p in (data / "test").rglob("*.png")}
+        top1, count = 1.0 / len(classes), sum(1 for _ in (data / "test").rglob("*.png"))
     wall = time.perf_counter() - started
-    last = [r for r in read_jsonl(run / METRICS_FILE) if r["split"] == "eval"][-1]
     shutil.rmtree(run)  # a checkpoint per cell would fill the disk
-    return {"arm": arm_name, "budget": budget, "seed": seed, "top1": float(last["top1"]),
-            "test_count": int(last["count"]), "train_examples": n, "steps": steps,
-            "wall_s": round(wall, 1)}
+    row = {"arm": arm_name, "budget": budget, "seed": seed, "top1": top1, "test_count": count,
+           "train_examples": n, "steps": steps, "wall_s": round(wall, 1)}
+    return {**row, "diverged": diverged} if diverged else row
 
 
 def main(argv=None) -> None:
@@ -89,7 +96,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--quick", action="store_true", help="a few minutes: 2 budgets, 3 arms")
     p.add_argument("--arms", help="comma-separated subset of the arms")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", default="3", help="N (seeds 0..N-1) or a list: 2 or 0,1")
+    p.add_argument("--seed-list", help="exactly these seeds, e.g. 2 (a second process's share;"
+                   " its JSON is named ..._seeds2, merged by report.py)")
     p.add_argument("--workdir", default="runs/transfer")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--fresh", action="store_true", help="ignore cells already in the JSON")
@@ -104,8 +113,14 @@ def main(argv=None) -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     name = f"{args.table}_{args.model}{'_quick' if args.quick else ''}"
+    if args.seed_list:
+        name += "_seeds" + args.seed_list.replace(",", "")
     out = Path(args.results) / f"{name}.json"
-    budgets, seeds = BUDGETS[args.table], tuple(range(args.seeds))
+    budgets = BUDGETS[args.table]
+    seeds = (tuple(int(x) for x in args.seeds.split(",")) if "," in args.seeds
+             else tuple(range(int(args.seeds))))
+    if args.seed_list:
+        seeds = tuple(int(x) for x in args.seed_list.split(","))
     arm_names = tuple(arms.ARMS)
     steps, pre_steps, per_face = None, PRETRAIN["steps"], PRETRAIN["train_per_face"]
     if args.quick:

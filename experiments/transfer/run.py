@@ -99,6 +99,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", default="3", help="N (seeds 0..N-1) or a list: 2 or 0,1")
     p.add_argument("--seed-list", help="exactly these seeds, e.g. 2 (a second process's share;"
                    " its JSON is named ..._seeds2, merged by report.py)")
+    p.add_argument("--budgets", help="a subset of the labels per class, e.g. 25,all")
     p.add_argument("--workdir", default="runs/transfer")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--fresh", action="store_true", help="ignore cells already in the JSON")
@@ -115,6 +116,8 @@ def main(argv=None) -> None:
     name = f"{args.table}_{args.model}{'_quick' if args.quick else ''}"
     if args.seed_list:
         name += "_seeds" + args.seed_list.replace(",", "")
+    if args.budgets:
+        name += "_b" + args.budgets.replace(",", "")
     out = Path(args.results) / f"{name}.json"
     budgets = BUDGETS[args.table]
     seeds = (tuple(int(x) for x in args.seeds.split(",")) if "," in args.seeds
@@ -128,6 +131,8 @@ def main(argv=None) -> None:
         steps, pre_steps, per_face = QUICK["steps"], QUICK["pretrain_steps"], \
             QUICK["train_per_face"]
         workdir = workdir / "quick"
+    if args.budgets:
+        budgets = tuple(None if b == "all" else int(b) for b in args.budgets.split(","))
     if args.arms:
         arm_names = tuple(args.arms.split(","))
     started = time.perf_counter()

@@ -1,0 +1,1 @@
+"""The offline transfer benchmark: printed characters -> handwritten digits and faces."""

@@ -1,0 +1,41 @@
+"""The arms of the benchmark, each a dict of `jaxsft.config.Config` fields, and the training
+length every arm shares. Fixed (README, PROTOCOL) before any result was looked at.
+
+Every arm but `scratch` starts from the exported source file with `weights=source.safetensors,
+new_head=True`, exactly as a user fine-tunes torchvision weights.
+"""
+
+from __future__ import annotations
+
+BATCH = 8
+SHORT, LONG = 40, 100  # steps: training sets of <= 100 images, and larger ones
+HEAD_X10 = dict(lr=0.01, head_lr_mult=10.0)
+
+ARMS: dict[str, dict] = {
+    # The demo's from-scratch recipe (a fair baseline: cosine, weight decay, higher rate).
+    "scratch": dict(weights=None, lr=0.05, schedule="cosine", weight_decay=5e-4),
+    "linear-probe": dict(recipe="linear-probe", lr=0.1),
+    "seed": dict(lr=0.01),  # the seed document's loop: SGD 0.01/0.9, constant, all layers
+    "head-x10": HEAD_X10,
+    "lp-ft": dict(HEAD_X10, recipe="lp-ft"),  # probe for half the run, then everything
+    "l2-sp": dict(HEAD_X10, l2sp=0.1, l2sp_head=0.01),  # Li et al.'s alpha, beta
+    "ema": dict(HEAD_X10, ema_decay=0.9),
+    "mixup": dict(HEAD_X10, mixup=0.2),
+    "bn-frozen": dict(HEAD_X10, bn="frozen"),
+    # The candidate `auto`, BiT-HyperRule-like: zero head, warm-up 10% + cosine, head x10.
+    "bit": dict(HEAD_X10, head_init="zeros", schedule="cosine", warmup="10%"),
+}
+
+
+def steps_for(train_examples: int) -> int:
+    """Training length from the training set's size (the BiT HyperRule's idea, in tiers)."""
+    return SHORT if train_examples <= 100 else LONG
+
+
+def resolve(arm: dict, *, train_examples: int, steps: int) -> dict:
+    """An arm's Config fields for one run: warm-up given as a share of the run -> epochs."""
+    fields = dict(arm)
+    if fields.pop("warmup", None) == "10%":
+        steps_per_epoch = train_examples // BATCH
+        fields["warmup_epochs"] = round(0.1 * steps) / steps_per_epoch
+    return fields

@@ -1,0 +1,150 @@
+"""The table (mean ± std over seeds, best arm per budget in bold) and the label-efficiency
+plot of one results JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def cells(record: dict) -> dict[tuple[str, object], list[float]]:
+    out: dict[tuple[str, object], list[float]] = {}
+    for r in record["runs"]:
+        out.setdefault((r["arm"], r["budget"]), []).append(100 * r["top1"])
+    return out
+
+
+def _label(budget) -> str:
+    return "all" if budget is None else str(budget)
+
+
+def markdown(record: dict) -> str:
+    c = cells(record)
+    arms = list(dict.fromkeys(r["arm"] for r in record["runs"]))
+    budgets = list(dict.fromkeys(r["budget"] for r in record["runs"]))
+    budgets.sort(key=lambda b: float("inf") if b is None else b)
+    best = {b: max((np.mean(c[a, b]) for a in arms if (a, b) in c), default=None)
+            for b in budgets}
+    diverged: dict = {}
+    for r in record["runs"]:
+        if r.get("diverged"):
+            diverged[r["arm"], r["budget"]] = diverged.get((r["arm"], r["budget"]), 0) + 1
+    lines = ["| arm \\ labels per class | " + " | ".join(_label(b) for b in budgets) + " |",
+             "| --- |" + " ---: |" * len(budgets)]
+    for a in arms:
+        row = []
+        for b in budgets:
+            v = c.get((a, b))
+            if not v:
+                row.append("")
+                continue
+            text = f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"
+            if diverged.get((a, b)):
+                text += " †" * diverged[a, b]
+            row.append(f"**{text}**" if np.mean(v) == best[b] else text)
+        lines.append(f"| {a} | " + " | ".join(row) + " |")
+    seeds = sorted({r["seed"] for r in record["runs"]})
+    lines.append(f"\nTop-1 (%) on the fixed test set of {record['runs'][0]['test_count']} "
+                 f"images, mean ± sample std over seeds {seeds}; bold: the best mean per "
+                 "budget. †: a seed whose loss became non-finite (the run failed), counted "
+                 "at chance.")
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = cells(record)
+    arms = list(dict.fromkeys(r["arm"] for r in record["runs"]))
+    budgets = sorted({r["budget"] for r in record["runs"]},
+                     key=lambda b: float("inf") if b is None else b)
+    xs = {b: (max(x for x in budgets if x is not None) * 4 if b is None else b)
+          for b in budgets} if any(b is not None for b in budgets) else {None: 1}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for a in arms:
+        bs = [b for b in budgets if (a, b) in c]
+        ax.errorbar([xs[b] for b in bs], [np.mean(c[a, b]) for b in bs],
+                    yerr=[np.std(c[a, b], ddof=1) if len(c[a, b]) > 1 else 0 for b in bs],
+                    label=a, marker="o", capsize=3,
+                    linewidth=2.5 if a in ("scratch", "seed", "bit") else 1.2)
+    ax.set_xscale("log")
+    ax.set_xticks([xs[b] for b in budgets], [_label(b) for b in budgets])
+    ax.set_xlabel("labels per class")
+    ax.set_ylabel("top-1 on the fixed test set (%)")
+    ax.set_title(f"{record['table']}, {record['model']}: fine-tuned from printed characters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def auto_check(record: dict, candidate: str = "bit") -> str:
+    """The protocol's test of a candidate `auto` arm, per budget: its lead over scratch and
+    the seed's recipe in units of the standard error of the difference of means (> 2 wanted at
+    <= 10 labels per class), and its gap to the best arm in the same unit (<= 1 wanted)."""
+    c = cells(record)
+    budgets = sorted({r["budget"] for r in record["runs"]},
+                     key=lambda b: float("inf") if b is None else b)
+    arms = list(dict.fromkeys(r["arm"] for r in record["runs"]))
+
+    def gap(a: str, b: str, budget) -> tuple[float, float]:
+        x, y = c[a, budget], c[b, budget]
+        se = np.sqrt(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y)) \
+            if min(len(x), len(y)) > 1 else float("nan")
+        return np.mean(x) - np.mean(y), se
+
+    lines = [f"| labels per class | {candidate} - scratch | {candidate} - seed | best arm | "
+             f"best - {candidate} |", "| --- | ---: | ---: | --- | ---: |"]
+    for b in budgets:
+        if (candidate, b) not in c:
+            continue
+        row = [_label(b)]
+        for other in ("scratch", "seed"):
+            if (other, b) in c:
+                d, se = gap(candidate, other, b)
+                row.append(f"{d:+.1f} ({d / se:+.1f} se)")
+            else:
+                row.append("")
+        best = max((a for a in arms if (a, b) in c), key=lambda a: np.mean(c[a, b]))
+        d, se = gap(best, candidate, b) if best != candidate else (0.0, 1.0)
+        row += [best, f"{d:.1f} ({d / se:.1f} se)"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("\nse: the standard error of the difference of the two means over seeds.")
+    return "\n".join(lines)
+
+
+def write(record: dict, stem: Path) -> None:
+    text = markdown(record)
+    if any(r["arm"] == "bit" for r in record["runs"]):
+        text += "\n\nThe candidate `auto` (bit) against the protocol's test:\n\n" + \
+            auto_check(record)
+    stem.with_suffix(".md").write_text(text + "\n")
+    plot(record, stem.with_suffix(".png"))
+
+
+def merged(paths: list[Path]) -> dict:
+    """One record from several JSONs of the same table (processes that ran other seeds)."""
+    records = [json.loads(p.read_text()) for p in paths]
+    out = dict(records[0], runs=[])
+    seen = set()
+    for r in records:
+        for row in r["runs"]:
+            if (row["arm"], row["budget"], row["seed"]) not in seen:
+                seen.add((row["arm"], row["budget"], row["seed"]))
+                out["runs"].append(row)
+    return out
+
+
+if __name__ == "__main__":  # python -m experiments.transfer.report X.json [more seeds.json]
+    paths = [Path(a) for a in sys.argv[1:]]
+    record = merged(paths)
+    if len(paths) > 1:
+        paths[0].write_text(json.dumps(record, indent=1))
+    write(record, paths[0].with_suffix(""))

@@ -1,0 +1,165 @@
+"""One table of the transfer benchmark: pretrain on printed characters, export, fine-tune on a
+real target at several label budgets under every arm, 3 seeds each.
+
+    python -m experiments.transfer.run --table digits --model resnet18 [--quick]
+
+writes experiments/transfer/results/<table>_<model>[_quick].{json,md,png}. Cells already in
+the JSON are kept (a stopped run resumes); --fresh starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+BUDGETS = {"digits": (1, 2, 5, 10, 25, None), "lfw": (5, 10, 25, None)}  # None: all labels
+PRETRAIN = dict(steps=800, train_per_face=8)
+QUICK = dict(budgets=(1, 5), arms=("scratch", "seed", "bit"), seeds=(0,), steps=4,
+             pretrain_steps=6, train_per_face=1)
+
+
+def source_weights(model: str, workdir: Path, *, steps: int, train_per_face: int) -> Path:
+    """Pretrains `model` on the character folders through `fit`, exports the best checkpoint
+    with `python -m jaxsft.export`; reuses a file already exported."""
+    from experiments.transfer.fonts import write_character_folders
+    from jaxsft.config import Config
+    from jaxsft.trainer import fit
+
+    out = workdir / f"source_{model}.safetensors"
+    if out.exists():
+        return out
+    data = workdir / f"chars_{train_per_face}"
+    if not data.exists():
+        write_character_folders(data.with_suffix(".tmp"), train_per_face=train_per_face)
+        data.with_suffix(".tmp").rename(data)
+    run = workdir / f"pretrain_{model}"
+    fit(Config().replace(model=model, dataset=f"folder:{data}", image_size=32, augment="none",
+                         batch_size=32, eval_batch_size=124, lr=0.05, schedule="cosine",
+                         weight_decay=5e-4, steps=steps, eval_every=max(1, steps // 2),
+                         checkpoint_every=max(1, steps // 2), log_every=max(1, steps // 10),
+                         workdir=str(run), seed=0, overwrite=True))
+    subprocess.run([sys.executable, "-m", "jaxsft.export", "--workdir", str(run),
+                    "--out", str(out)], check=True)
+    return out
+
+
+def run_cell(table: str, model: str, arm_name: str, budget: int | None, seed: int, *,
+             weights: Path, workdir: Path, steps: int | None) -> dict:
+    """One fine-tuning run through `fit`; returns its record (top-1 on the fixed test set)."""
+    from experiments.transfer import arms, targets
+    from jaxsft.config import Config
+    from jaxsft.metrics import read_jsonl
+    from jaxsft.trainer import METRICS_FILE, TrainingError, fit
+
+    data = workdir / "data" / f"{table}_b{budget or 'all'}_s{seed}"
+    if not data.exists():
+        targets.write_target(table, data.with_suffix(".tmp"), budget, seed)
+        data.with_suffix(".tmp").rename(data)
+    n = sum(1 for _ in (data / "train").rglob("*.png"))
+    steps = steps or arms.steps_for(n)
+    fields = arms.resolve(arms.ARMS[arm_name], train_examples=n, steps=steps)
+    fields.setdefault("weights", str(weights))
+    if fields["weights"]:
+        fields["new_head"] = True
+    run = workdir / "cells" / f"{table}_{model}_{arm_name}_b{budget or 'all'}_s{seed}"
+    started = time.perf_counter()
+    diverged = None
+    try:
+        fit(Config().replace(**{
+            "model": model, "dataset": f"folder:{data}", "image_size": 32, "augment": "none",
+            "batch_size": arms.BATCH, "eval_batch_size": 100, "steps": steps,
+            "eval_every": steps, "checkpoint_every": steps, "log_every": steps, "keep": 1,
+            "workdir": str(run), "seed": seed, "overwrite": True, **fields}))
+        last = [r for r in read_jsonl(run / METRICS_FILE) if r["split"] == "eval"][-1]
+        top1, count = float(last["top1"]), int(last["count"])
+    except TrainingError as e:  # a non-finite loss: what a user gets is a failed run
+        diverged = str(e).split(";")[0]
+        classes = {p.parent.name for p in (data / "test").rglob("*.png")}
+        top1, count = 1.0 / len(classes), sum(1 for _ in (data / "test").rglob("*.png"))
+    wall = time.perf_counter() - started
+    shutil.rmtree(run)  # a checkpoint per cell would fill the disk
+    row = {"arm": arm_name, "budget": budget, "seed": seed, "top1": top1, "test_count": count,
+           "train_examples": n, "steps": steps, "wall_s": round(wall, 1)}
+    return {**row, "diverged": diverged} if diverged else row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--table", choices=sorted(BUDGETS), default="digits")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--quick", action="store_true", help="a few minutes: 2 budgets, 3 arms")
+    p.add_argument("--arms", help="comma-separated subset of the arms")
+    p.add_argument("--seeds", default="3", help="N (seeds 0..N-1) or a list: 2 or 0,1")
+    p.add_argument("--seed-list", help="exactly these seeds, e.g. 2 (a second process's share;"
+                   " its JSON is named ..._seeds2, merged by report.py)")
+    p.add_argument("--budgets", help="a subset of the labels per class, e.g. 25,all")
+    p.add_argument("--workdir", default="runs/transfer")
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--fresh", action="store_true", help="ignore cells already in the JSON")
+    args = p.parse_args(argv)
+
+    os.environ["JAXSFT_ONEDNN"] = "off"  # XLA's own kernels: storable in the compilation cache
+    from jaxsft.process import setup
+
+    cache = setup()
+    from experiments.transfer import arms, report
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    name = f"{args.table}_{args.model}{'_quick' if args.quick else ''}"
+    if args.seed_list:
+        name += "_seeds" + args.seed_list.replace(",", "")
+    if args.budgets:
+        name += "_b" + args.budgets.replace(",", "")
+    out = Path(args.results) / f"{name}.json"
+    budgets = BUDGETS[args.table]
+    seeds = (tuple(int(x) for x in args.seeds.split(",")) if "," in args.seeds
+             else tuple(range(int(args.seeds))))
+    if args.seed_list:
+        seeds = tuple(int(x) for x in args.seed_list.split(","))
+    arm_names = tuple(arms.ARMS)
+    steps, pre_steps, per_face = None, PRETRAIN["steps"], PRETRAIN["train_per_face"]
+    if args.quick:
+        budgets, arm_names, seeds = QUICK["budgets"], QUICK["arms"], QUICK["seeds"]
+        steps, pre_steps, per_face = QUICK["steps"], QUICK["pretrain_steps"], \
+            QUICK["train_per_face"]
+        workdir = workdir / "quick"
+    if args.budgets:
+        budgets = tuple(None if b == "all" else int(b) for b in args.budgets.split(","))
+    if args.arms:
+        arm_names = tuple(args.arms.split(","))
+    started = time.perf_counter()
+    record = {"runs": []} if args.fresh or not out.exists() else json.loads(out.read_text())
+    t0 = time.perf_counter()
+    weights = source_weights(args.model, workdir, steps=pre_steps, train_per_face=per_face)
+    record["pretrain_s"] = record.get("pretrain_s") or round(time.perf_counter() - t0, 1)
+    record.update(table=args.table, model=args.model, quick=args.quick,
+                  compilation_cache=str(cache), onednn="off", batch=arms.BATCH,
+                  arms={a: arms.ARMS[a] for a in arm_names}, source=str(weights))
+    done = {(r["arm"], r["budget"], r["seed"]) for r in record["runs"]}
+    for seed in seeds:
+        for budget in budgets:
+            for arm_name in arm_names:
+                if (arm_name, budget, seed) in done:
+                    continue
+                row = run_cell(args.table, args.model, arm_name, budget, seed,
+                               weights=weights, workdir=workdir, steps=steps)
+                print(f"CELL {json.dumps(row)}", flush=True)
+                record["runs"].append(row)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(record, indent=1))
+    record["wall_s_this_invocation"] = round(time.perf_counter() - started, 1)
+    out.write_text(json.dumps(record, indent=1))
+    report.write(record, out.with_suffix(""))
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""experiments/transfer: the font renderer and target splits (fast), and the benchmark's
+--quick variant end to end (a few minutes: it pretrains, exports, fine-tunes through fit)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments.transfer import fonts, targets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _folder_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+
+def test_font_renderer_is_deterministic_with_62_classes_of_32x32_images(tmp_path):
+    a = fonts.write_character_folders(tmp_path / "a", train_per_face=1, val_per_face=1, seed=3)
+    b = fonts.write_character_folders(tmp_path / "b", train_per_face=1, val_per_face=1, seed=3)
+    assert _folder_bytes(a) == _folder_bytes(b)
+    for split, faces in (("train", fonts.TRAIN_FACES), ("val", fonts.VAL_FACES)):
+        classes = sorted(p.name for p in (a / split).iterdir())
+        assert len(classes) == 62
+        assert all(len(list((a / split / c).glob("*.png"))) == len(faces) for c in classes)
+    assert not set(fonts.TRAIN_FACES) & set(fonts.VAL_FACES)  # whole faces held out
+    image = np.asarray(Image.open(next((a / "train" / "upper_A").glob("*.png"))))
+    assert image.shape == (32, 32) and image.dtype == np.uint8 and image.max() > 128
+    other = fonts.write_character_folders(tmp_path / "c", train_per_face=1, val_per_face=1,
+                                          seed=4)
+    assert _folder_bytes(other) != _folder_bytes(a)
+
+
+def test_digits_target_keeps_one_test_set_for_every_budget_and_seed(tmp_path):
+    _, labels, _ = targets.load_digits_target()
+    pool, test = targets.split_pool(labels)
+    assert len(test) == 10 * targets.TEST_PER_CLASS
+    assert not set(test) & set(np.concatenate(list(pool.values())))
+    one = targets.subset(pool, 1, seed=0)
+    assert len(one) == 10 and set(one) <= set(targets.subset(pool, 5, seed=0))  # nested
+    assert set(one) != set(targets.subset(pool, 1, seed=1))
+    root = targets.write_target("digits", tmp_path / "d", 2, seed=0)
+    assert len(list((root / "train").rglob("*.png"))) == 20
+    assert len(list((root / "test").rglob("*.png"))) == 500
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it (conftest forces 4)
+    subprocess.run([sys.executable, "-m", "experiments.transfer.run", "--quick",
+                    "--workdir", str(tmp_path / "runs"), "--results", str(tmp_path / "res")],
+                   cwd=ROOT, env=env, check=True, timeout=900)
+    record = json.loads((tmp_path / "res" / "digits_resnet18_quick.json").read_text())
+    assert {(r["arm"], r["budget"]) for r in record["runs"]} == {
+        (a, b) for a in ("scratch", "seed", "bit") for b in (1, 5)}
+    assert all(0.0 <= r["top1"] <= 1.0 and r["test_count"] == 500 for r in record["runs"])
+    table = (tmp_path / "res" / "digits_resnet18_quick.md").read_text()
+    assert "| bit |" in table and "**" in table
+    assert (tmp_path / "res" / "digits_resnet18_quick.png").stat().st_size > 0
+    assert (tmp_path / "runs" / "quick" / "source_resnet18.safetensors").exists()

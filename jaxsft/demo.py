@@ -79,9 +79,10 @@ def run(workdir: Path, *, pretrain_epochs: float, finetune_epochs: float,
               f"{labels_per_class} labels per class")
         run_dir = workdir / name.replace(" ", "_").replace("-", "_")
         steps = math.ceil(finetune_epochs * (5 * labels_per_class // FEWSHOT_BATCH))
-        # The usual fine-tuning recipe: the new head learns 10x faster than the backbone. The
-        # pretrained head knows digits 0-4: five classes, as many as 5-9 but other ones, so
-        # --new-head (keeping it started the loss at 15-18 where ln 5 = 1.6).
+        # The usual fine-tuning recipe: the new head learns 10x faster than the backbone (on
+        # this demo's data: 78.96% after 60 steps, 67.73% with the plain rate; the transfer
+        # benchmark found the opposite on its runs). The pretrained head knows digits 0-4, five
+        # classes like 5-9 but other ones, so --new-head (keeping it started the loss at 15-18).
         recipe = (dict(weights=weights, new_head=True, lr=0.01, head_lr_mult=10.0)
                   if weights else {})
         fit(demo_config(run_dir, fewshot_data, steps=steps, batch_size=FEWSHOT_BATCH,

@@ -269,8 +269,8 @@ def colours(tmp_path_factory) -> Path:
 
 
 def test_a_run_learns_an_easy_task(colours, tmp_path):
-    cfg = small_config(colours, tmp_path / "run", steps=20, lr=0.05, log_every=10,
-                       eval_every=20)
+    cfg = small_config(colours, tmp_path / "run", steps=30, lr=0.05, log_every=10,
+                       eval_every=30)
     fit(cfg)
     result = evaluate(cfg, "latest")
     assert result["count"] == 24 and result["top1"] >= 0.75, result  # chance is 1/3

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from jaxsft import cli
 from jaxsft.config import ConfigError
+from jaxsft.workdir import CHECKPOINT_DIR
 
 PROG = "python -m jaxsft.export"
-CHECKPOINT_DIR = "checkpoints"  # jaxsft.trainer.CHECKPOINT_DIR, without importing the trainer
 
 
 def export(workdir: str | Path, out: str | Path, checkpoint_step: int | str = "best") -> dict:

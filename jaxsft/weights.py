@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxsft.models import ARCHITECTURES, create_model, list_models
 from jaxsft.models.resnet import BasicBlock, classifier
+from jaxsft.workdir import CHECKPOINT_DIR
 
 __all__ = [
     "TORCHVISION_WEIGHTS",
@@ -99,7 +100,6 @@ _SOURCES_HELP = ("a .pth/.pt/.bin/.safetensors file, a directory written by pyth
                  "jaxsft.convert, a jaxsft workdir (its best checkpoint), an https:// or "
                  "file:// URL, or torchvision:<arch>.<WEIGHTS> (e.g. "
                  "torchvision:resnet50.IMAGENET1K_V2)")
-WORKDIR_CHECKPOINTS = "checkpoints"  # a jaxsft workdir's (jaxsft.trainer.CHECKPOINT_DIR)
 
 
 class WeightsError(ValueError):
@@ -144,7 +144,7 @@ def load_weights(source: str | os.PathLike, arch: str, num_classes: int | None =
     """
     _check_arch(arch)
     path = resolve_source(source, arch, cache_dir=cache_dir, sha256=sha256)
-    if (path / WORKDIR_CHECKPOINTS).is_dir():
+    if (path / CHECKPOINT_DIR).is_dir():
         state_dict = _read_workdir(path, arch)
     elif path.is_dir():
         state_dict = _read_converted(path, arch)
@@ -425,7 +425,7 @@ def _read_workdir(path: Path, arch: str) -> dict[str, np.ndarray]:
     from jaxsft.checkpoint import CheckpointError, restore_variables
 
     try:
-        variables, meta = restore_variables(path / WORKDIR_CHECKPOINTS, "best")
+        variables, meta = restore_variables(path / CHECKPOINT_DIR, "best")
     except CheckpointError as e:
         raise WeightsError(f"cannot use the workdir {path} as weights: {e}") from None
     held = meta.get("config", {}).get("model", {}).get("model")

@@ -29,8 +29,8 @@ def _field(default: Any, help: str, choices: Sequence[str] | None = None) -> Any
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 SCHEDULES = ("constant", "step", "multistep", "cosine", "linear")
 OPTIMIZERS = ("sgd", "adamw", "adam", "lars")
-RECIPES = ("full", "linear-probe", "lp-ft")
-HEAD_INITS = ("default", "zeros")
+RECIPES = ("auto", "seed", "full", "linear-probe", "lp-ft")
+HEAD_INITS = ("default", "zeros", "imprint")
 LR_SCALINGS = ("none", "linear")
 BN_MODES = ("train", "frozen")
 AUGMENTS = ("imagenet", "light", "none")
@@ -54,7 +54,8 @@ class ModelConfig:
         "(a new task with as many classes)")
     head_init: str = _field(
         "default", "a new head's start: default = torch.nn.Linear's init, zeros = BiT's "
-        "(Kolesnikov et al. 2020)", HEAD_INITS)
+        "(Kolesnikov et al. 2020), imprint = the normalised class means of the training "
+        "set's features (Qi et al. 2018): a nearest-class-mean classifier", HEAD_INITS)
 
     def __post_init__(self) -> None:
         _check_model(self)
@@ -116,8 +117,11 @@ class OptimConfig:
     step_epochs: float = _field(30.0, "step schedule: decay every this many epochs")
     clip_grad_norm: float | None = _field(None, "clip gradients to this global norm")
     recipe: str = _field(
-        "full", "full fine-tuning; linear-probe (only the head trains); lp-ft = a linear "
-        "probe, then full fine-tuning from that head (Kumar et al. 2022)", RECIPES
+        "full", "auto = settings chosen from the data set's size (jaxsft.recipes; what "
+        "python -m jaxsft.train uses with --weights and no --recipe); seed = the seed "
+        "document's plain SGD 0.01/0.9 loop; full = every layer trains, as the flags say; "
+        "linear-probe (only the head trains); lp-ft = a linear probe, then full fine-tuning "
+        "from that head (Kumar et al. 2022)", RECIPES
     )
     probe_steps: int | None = _field(
         None, "lp-ft: steps of the linear-probe phase (default: half the run)")
@@ -333,8 +337,11 @@ def _check_config(cfg: Config) -> None:
     """What no section can check alone. Batch sizes against devices and accumulation are
     checked where the devices are known (`jaxsft.trainer.make_plan`)."""
     m, o, r = cfg.model, cfg.optim, cfg.run
-    if o.recipe in ("linear-probe", "lp-ft") and m.weights is None:
+    if o.recipe in ("linear-probe", "lp-ft", "auto") and m.weights is None:
         raise ConfigError(f"--recipe {o.recipe} needs --weights: a random backbone stays random")
+    if m.head_init == "imprint" and m.weights is None:
+        raise ConfigError("--head-init imprint needs --weights: a random backbone's class means "
+                          "classify nothing")
     if o.l2sp and m.weights is None and r.resume is None:
         raise ConfigError("--l2sp pulls toward pretrained weights: it needs --weights (use "
                           "--weight-decay for a random start)")

@@ -22,7 +22,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
@@ -127,61 +127,15 @@ def _load(candidate: Candidate, num_classes: int, image_size: int, seed: int):
     return create_model(candidate.arch, classes), variables, has_head
 
 
-def _forward(model) -> Callable:
-    """pmapped (variables, images [D, B, H, W, 3]) -> (features before `fc`, logits): the
-    input of the `fc` module is caught by method interception, the model left as it is."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    def apply(variables, images):
-        caught = {}
-
-        def catch_fc_input(next_fun, args, kwargs, context):
-            if context.method_name == "__call__" and context.module.name == "fc":
-                caught["features"] = args[0]
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(catch_fc_input):
-            logits = model.apply(variables, images, train=False)
-        return caught["features"].astype(jnp.float32), logits.astype(jnp.float32)
-
-    return jax.pmap(apply, axis_name="batch")
-
-
-def _batches(cfg: DataConfig, max_examples: int | None, seed: int, train_examples: int):
-    """(batches of the train split with the eval preprocessing, how many to take, subset).
-
-    A seeded subset of `max_examples` is the first examples of the index sampler's seeded
-    permutation (the training stream of epoch 0 with augmentation "none" = the eval view)
-    when one epoch holds that many; otherwise one eval pass over the whole split, subsampled
-    afterwards with the same seed."""
-    from jaxsft import data
-
-    batch = cfg.batch_size
-    if max_examples is not None and max_examples < train_examples:
-        full_batches = train_examples // batch
-        if max_examples <= full_batches * batch:
-            stream = data.train_batches(dataclasses.replace(cfg, augment="none"), seed=seed)
-            return stream, -(-max_examples // batch), None
-        subset = np.sort(np.random.default_rng(seed).permutation(train_examples)[:max_examples])
-    else:
-        subset = None
-    one_pass = dataclasses.replace(cfg, eval_split=cfg.train_split, eval_batch_size=None)
-    return data.eval_batches(one_pass), None, subset
-
-
 def extract_features(candidate: Candidate, cfg: DataConfig, *, max_examples: int | None = None,
                      seed: int = 0, compiled: dict | None = None) -> Features:
     """Penultimate features, labels and (with a source head) logits of the train split.
 
     `compiled` (a dict the caller keeps) shares the compiled forward pass between candidates
     of one architecture and head size, which differ only in their variables."""
-    import itertools
-
     import jax
 
-    from jaxsft import data, steps
+    from jaxsft import data, features
 
     started = time.perf_counter()
     info = data.dataset_info(cfg)
@@ -192,24 +146,9 @@ def extract_features(candidate: Candidate, cfg: DataConfig, *, max_examples: int
         model = cpu.accelerate(model)
     compiled = {} if compiled is None else compiled
     key = (candidate.arch, int(variables["params"]["fc"]["bias"].shape[0]))
-    forward = compiled[key] = compiled.get(key) or _forward(model)
-    replicated = steps.replicate(variables)
-    stream, count, subset = _batches(cfg, max_examples, seed, info.train_examples)
-    parts: dict[str, list[np.ndarray]] = {"features": [], "logits": [], "labels": []}
-    for batch in data.device_prefetch(itertools.islice(stream, count)):
-        features, logits = forward(replicated, batch["image"])
-        keep = np.asarray(batch["mask"]).reshape(-1) > 0
-        parts["features"].append(np.asarray(features).reshape(keep.size, -1)[keep])
-        parts["logits"].append(np.asarray(logits).reshape(keep.size, -1)[keep])
-        parts["labels"].append(np.asarray(batch["label"]).reshape(-1)[keep])
-    out = {k: np.concatenate(v) for k, v in parts.items()}
-    if count is not None:
-        out = {k: v[:max_examples] for k, v in out.items()}
-    if subset is not None:
-        subset = subset[subset < len(out["labels"])]
-        out = {k: v[subset] for k, v in out.items()}
-    if not len(out["labels"]):
-        raise data.DataError(f"no readable example in {cfg.train_split!r} of {cfg.dataset}")
+    apply = compiled[key] = compiled.get(key) or features.forward(model)
+    out = features.penultimate(apply, variables, cfg, train_examples=info.train_examples,
+                               max_examples=max_examples, seed=seed)
     return Features(out["features"], out["labels"], out["logits"] if has_head else None,
                     seconds=time.perf_counter() - started)
 

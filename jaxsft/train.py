@@ -36,14 +36,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     launch = {k: getattr(args, k) for k in LAUNCH_FLAGS}
     for k in LAUNCH_FLAGS:
         delattr(args, k)
+    given = {k for k in vars(args) if k in config.FLAT_FIELDS}
     cfg = config.from_args(args)  # validated before JAX starts
+    if "recipe" not in given and cfg.model.weights and cfg.optim.recipe == "full":
+        cfg = cfg.replace(recipe="auto")  # fine-tuning: the rule, unless a recipe is named
     from jaxsft import distributed
 
     distributed.initialize(launch["coordinator_address"], launch["num_processes"],
                            launch["process_id"], timeout_s=launch["distributed_timeout"])
     cli.use_dtype(cfg.model.dtype)
+    import jax
+
+    from jaxsft import data, recipes
     from jaxsft.trainer import fit
 
+    cfg, chosen = recipes.resolve(cfg, data.dataset_info(cfg.data), given)
+    if chosen and jax.process_index() == 0:
+        print(chosen, flush=True)
     fit(cfg)
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsft import checkpoint, data, metrics, optim, steps
+from jaxsft import checkpoint, data, imprint, metrics, optim, recipes, steps
 from jaxsft import config as config_lib
 from jaxsft import workdir as workdir_lib
 from jaxsft.config import Config, ConfigError
@@ -124,9 +124,13 @@ def initial_state(cfg: Config, plan: Plan, pretrained: bool = True) -> TrainStat
         model = cpu.accelerate(model)  # same variables, XLA:CPU's fast kernels
     init_rng, state_rng = jax.random.split(jax.random.key(cfg.run.seed))
     if cfg.model.weights and pretrained:
+        head_init = cfg.model.head_init
+        if head_init == "imprint":
+            head_init = imprint.imprinter(model, cfg.data, seed=cfg.run.seed,
+                                          train_examples=plan.info.train_examples)
         variables = load_weights(cfg.model.weights, cfg.model.model,
                                  num_classes=plan.num_classes, rng=init_rng,
-                                 head_init=cfg.model.head_init, new_head=cfg.model.new_head)
+                                 head_init=head_init, new_head=cfg.model.new_head)
     else:
         size = cfg.data.image_size
         variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)), train=False)
@@ -175,10 +179,13 @@ def fit(cfg: Config) -> TrainState:
     config.json is written only once the start (weights, data, restore) has succeeded.
     """
     started = time.perf_counter()
-    plan = make_plan(cfg)
-    _check_classes(plan)
     is_main = jax.process_index() == 0
     say = _printer(is_main)
+    cfg, chosen = recipes.resolve(cfg, data.dataset_info(cfg.data))
+    if chosen:
+        say(chosen)
+    plan = make_plan(cfg)
+    _check_classes(plan)
     with (workdir_lib.lock(cfg.run.workdir) if is_main else contextlib.nullcontext()):
         directory = Path(cfg.run.workdir) / CHECKPOINT_DIR
         workdir = workdir_lib.prepare(cfg, write=is_main, save=False,

@@ -26,7 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -126,7 +126,7 @@ def _wrong_arch(origin: object, held: str, arch: str) -> WeightsError:
 def load_weights(source: str | os.PathLike, arch: str, num_classes: int | None = None,
                  rng: Any = None, *, cache_dir: str | os.PathLike | None = None,
                  dtype: Any = None, sha256: str | None = None,
-                 head_init: str = "default", new_head: bool = False) -> dict[str, Any]:
+                 head_init: str | Callable = "default", new_head: bool = False) -> dict[str, Any]:
     """Pretrained `{"params", "batch_stats"}` for `create_model(arch, num_classes)`.
 
     `source`: a state-dict file (.pth/.pt/.bin via torch, .safetensors without it), a
@@ -138,7 +138,9 @@ def load_weights(source: str | os.PathLike, arch: str, num_classes: int | None =
     `dtype`: None keeps the file's float dtype where JAX can (float64 only under x64;
     half precision becomes float32). `sha256`: the expected hash of a downloaded file.
     `head_init`: how a replaced head starts, "default" (torch.nn.Linear's uniform, from `rng`)
-    or "zeros" (BiT, Kolesnikov et al., ECCV 2020: zero kernel and bias; no rng needed).
+    or "zeros" (BiT, Kolesnikov et al., ECCV 2020: zero kernel and bias; no rng needed), or
+    a function of the variables (backbone loaded, head zero) returning the head's params
+    (`jaxsft.imprint.imprinter`: class means of the training set's features).
     `new_head`: replace the head even when the class counts agree (a new task with as many
     classes as the file's).
     """
@@ -157,11 +159,11 @@ def load_weights(source: str | os.PathLike, arch: str, num_classes: int | None =
 def from_torch_state_dict(state_dict: Mapping[str, Any], arch: str,
                           num_classes: int | None = None, rng: Any = None, *,
                           dtype: Any = None, origin: str = "the state dict",
-                          head_init: str = "default",
+                          head_init: str | Callable = "default",
                           new_head: bool = False) -> dict[str, Any]:
     """The strict torch -> Flax mapping behind `load_weights`, for an in-memory state dict."""
     _check_arch(arch)
-    if head_init not in HEAD_INITS:
+    if not callable(head_init) and head_init not in HEAD_INITS:
         raise WeightsError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
     if new_head and num_classes is None:
         raise WeightsError("new_head replaces the head with one of num_classes: pass num_classes")
@@ -670,7 +672,8 @@ def _signature(sd: Mapping[str, Any]) -> tuple[tuple[int, ...], bool, int, int] 
 
 
 def _replace_head(variables: dict, fan_in: int, file_classes: int | None,
-                  num_classes: int | None, rng: Any, origin: str, head_init: str) -> None:
+                  num_classes: int | None, rng: Any, origin: str,
+                  head_init: str | Callable) -> None:
     """Keep the file's head if the class counts agree, else initialise a new one from rng."""
     if num_classes is None:
         raise WeightsError(f"{origin} has no classifier head (fc.weight, fc.bias): pass "
@@ -683,9 +686,11 @@ def _replace_head(variables: dict, fan_in: int, file_classes: int | None,
         return
     params = variables["params"]
     dtype = params["conv1"]["kernel"].dtype
-    if head_init == "zeros":
+    if head_init == "zeros" or callable(head_init):
         params["fc"] = {"kernel": jnp.zeros((fan_in, num_classes), dtype),
                         "bias": jnp.zeros((num_classes,), dtype)}
+        if callable(head_init):  # computed from the loaded backbone (jaxsft.imprint)
+            params["fc"] = head_init(variables)
         return
     if rng is None:
         raise WeightsError(f"{origin} has a {file_classes}-class head; re-initialising it for "

@@ -313,18 +313,21 @@ def test_the_trainer_wires_every_step_option(folder, tmp_path, monkeypatch):
     assert seen["bn_mode"] == "frozen"  # a linear probe keeps the backbone's statistics
 
 
-def test_the_demo_pretrains_exports_and_fine_tunes_with_a_new_head(tmp_path, capsys):
+def test_the_demo_pretrains_exports_and_fine_tunes_with_auto_seed_and_scratch(tmp_path,
+                                                                                  capsys):
     from jaxsft import demo
 
-    # 5 pretraining steps; 20 labelled images (4 per class) make one fine-tuning step an epoch.
-    result = demo.run(tmp_path, pretrain_epochs=0.2, finetune_epochs=2, labels_per_class=4)
+    # 5 pretraining steps; 20 labelled images (4 per class), 2 fine-tuning steps per arm.
+    result = demo.run(tmp_path, pretrain_epochs=0.2, finetune_steps=2, labels_per_class=4)
     out = capsys.readouterr().out
     assert (tmp_path / "pretrained_resnet18.safetensors").is_file()
-    assert "fine-tuned from the pretrained resnet18:" in out
-    assert "trained from random initialisation:" in out
-    assert set(result) == {"fine-tuned", "from scratch"}
+    for label in demo.ARM_LABELS.values():
+        assert f"{label}:" in out
+    assert "recipe auto: " in out and "head-init imprint" in out
+    assert set(result) == {"auto", "seed", "scratch"}
     assert all(0 <= v <= 1 for v in result.values())
-    # The fine-tuned run starts from a new 5-class head, not the one of digits 0-4: its first
+    # The fine-tuned runs start from a new 5-class head, not the one of digits 0-4: the first
     # loss is near ln 5, never the 15-18 of a confidently wrong old head.
-    rows = [json.loads(line) for line in (tmp_path / "fine_tuned" / "metrics.jsonl").open()]
+    rows = [json.loads(line) for line in (tmp_path / "seed" / "metrics.jsonl").open()]
     assert rows[0]["split"] == "train" and rows[0]["loss"] < 5
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["run"]["steps"] == 2

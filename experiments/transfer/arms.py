@@ -24,17 +24,46 @@ ARMS: dict[str, dict] = {
     "bn-frozen": dict(HEAD_X10, bn="frozen"),
     # The candidate `auto`, BiT-HyperRule-like: zero head, warm-up 10% + cosine, head x10.
     "bit": dict(HEAD_X10, head_init="zeros", schedule="cosine", warmup="10%"),
+    # jaxsft's `--recipe auto` (jaxsft/recipes.py), chosen from CANDIDATES below on the
+    # development seeds and tested on fresh ones (README, "Choosing auto").
+    "auto": dict(recipe="auto"),
 }
 
 
-def steps_for(train_examples: int) -> int:
-    """Training length from the training set's size (the BiT HyperRule's idea, in tiers)."""
-    return SHORT if train_examples <= 100 else LONG
+# Candidates for `--recipe auto`, explored on the development seeds 0-2 only (README:
+# "Choosing auto"); the one chosen is then tested on fresh seeds.
+ZERO_COSINE = dict(head_init="zeros", schedule="cosine", warmup="10%")
+CANDIDATES: dict[str, dict] = {
+    "zero-cos": dict(ZERO_COSINE, lr=0.01),  # bit without the head multiplier
+    "zero-cos-lr03": dict(ZERO_COSINE, lr=0.03),
+    "zero-cos-x2": dict(ZERO_COSINE, lr=0.01, length=2),  # twice the steps
+    "seed-x2": dict(lr=0.01, length=2),
+    "seed-ema": dict(lr=0.01, ema_decay=0.9),
+    "seed-zero": dict(lr=0.01, head_init="zeros"),
+    "l2sp-x1": dict(lr=0.01, l2sp=0.1),
+    # An imprinted head (class means of the source features): nearest-class-mean at step 0.
+    "imprint": dict(lr=0.01, head_init="imprint"),
+    "imprint-cos": dict(ZERO_COSINE, lr=0.01, head_init="imprint"),
+    "imprint-cos-x2": dict(ZERO_COSINE, lr=0.01, head_init="imprint", length=2),
+    "imprint-lp": dict(recipe="linear-probe", lr=0.01, head_init="imprint"),
+}
+
+
+def steps_for(train_examples: int, arm: dict | None = None, length: str = "tiers") -> int:
+    """Training length from the training set's size: the first protocol's tiers (the BiT
+    HyperRule's idea) times the arm's `length` factor, or (length "auto") the length
+    `--recipe auto` chooses, for every arm alike."""
+    if length == "auto":
+        from jaxsft.recipes import auto_steps
+
+        return auto_steps(train_examples, BATCH)
+    return (SHORT if train_examples <= 100 else LONG) * (arm or {}).get("length", 1)
 
 
 def resolve(arm: dict, *, train_examples: int, steps: int) -> dict:
     """An arm's Config fields for one run: warm-up given as a share of the run -> epochs."""
     fields = dict(arm)
+    fields.pop("length", None)
     if fields.pop("warmup", None) == "10%":
         steps_per_epoch = train_examples // BATCH
         fields["warmup_epochs"] = round(0.1 * steps) / steps_per_epoch

@@ -72,7 +72,7 @@ def plot(record: dict, path: Path) -> None:
         ax.errorbar([xs[b] for b in bs], [np.mean(c[a, b]) for b in bs],
                     yerr=[np.std(c[a, b], ddof=1) if len(c[a, b]) > 1 else 0 for b in bs],
                     label=a, marker="o", capsize=3,
-                    linewidth=2.5 if a in ("scratch", "seed", "bit") else 1.2)
+                    linewidth=2.5 if a in ("scratch", "seed", "bit", "auto") else 1.2)
     ax.set_xscale("log")
     ax.set_xticks([xs[b] for b in budgets], [_label(b) for b in budgets])
     ax.set_xlabel("labels per class")
@@ -94,11 +94,20 @@ def auto_check(record: dict, candidate: str = "bit") -> str:
                      key=lambda b: float("inf") if b is None else b)
     arms = list(dict.fromkeys(r["arm"] for r in record["runs"]))
 
-    def gap(a: str, b: str, budget) -> tuple[float, float]:
+    by_seed = {(r["arm"], r["budget"], r["seed"]): 100 * r["top1"] for r in record["runs"]}
+
+    def gap(a: str, b: str, budget) -> tuple[float, float, float]:
+        """(difference of means, its standard error, the paired one: the same seed draws
+        the same labelled subset for every arm, so per-seed differences cancel its luck)."""
         x, y = c[a, budget], c[b, budget]
         se = np.sqrt(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y)) \
             if min(len(x), len(y)) > 1 else float("nan")
-        return np.mean(x) - np.mean(y), se
+        seeds = sorted({s for (arm, bud, s) in by_seed if arm == a and bud == budget}
+                       & {s for (arm, bud, s) in by_seed if arm == b and bud == budget})
+        diffs = [by_seed[a, budget, s] - by_seed[b, budget, s] for s in seeds]
+        paired = np.std(diffs, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 \
+            else float("nan")
+        return np.mean(x) - np.mean(y), se, paired
 
     lines = [f"| labels per class | {candidate} - scratch | {candidate} - seed | best arm | "
              f"best - {candidate} |", "| --- | ---: | ---: | --- | ---: |"]
@@ -108,23 +117,27 @@ def auto_check(record: dict, candidate: str = "bit") -> str:
         row = [_label(b)]
         for other in ("scratch", "seed"):
             if (other, b) in c:
-                d, se = gap(candidate, other, b)
-                row.append(f"{d:+.1f} ({d / se:+.1f} se)")
+                d, se, paired = gap(candidate, other, b)
+                row.append(f"{d:+.1f} ({d / se:+.1f} se, {d / paired:+.1f} paired)")
             else:
                 row.append("")
         best = max((a for a in arms if (a, b) in c), key=lambda a: np.mean(c[a, b]))
-        d, se = gap(best, candidate, b) if best != candidate else (0.0, 1.0)
-        row += [best, f"{d:.1f} ({d / se:.1f} se)"]
+        d, se, paired = gap(best, candidate, b) if best != candidate else (0.0, 1.0, 1.0)
+        row += [best, f"{d:.1f} ({d / se:.1f} se, {d / paired:.1f} paired)"]
         lines.append("| " + " | ".join(row) + " |")
-    lines.append("\nse: the standard error of the difference of the two means over seeds.")
+    lines.append("\nse: the standard error of the difference of the two means over seeds; "
+                 "paired: that of the mean per-seed difference (a seed draws the same "
+                 "labelled subset for every arm).")
     return "\n".join(lines)
 
 
 def write(record: dict, stem: Path) -> None:
     text = markdown(record)
-    if any(r["arm"] == "bit" for r in record["runs"]):
-        text += "\n\nThe candidate `auto` (bit) against the protocol's test:\n\n" + \
-            auto_check(record)
+    for candidate in ("auto", "bit"):
+        if any(r["arm"] == candidate for r in record["runs"]):
+            text += f"\n\nThe candidate `auto` ({candidate}) against the protocol's test:" \
+                f"\n\n" + auto_check(record, candidate)
+            break
     stem.with_suffix(".md").write_text(text + "\n")
     plot(record, stem.with_suffix(".png"))
 

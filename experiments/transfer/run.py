@@ -21,7 +21,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 BUDGETS = {"digits": (1, 2, 5, 10, 25, None), "lfw": (5, 10, 25, None)}  # None: all labels
 PRETRAIN = dict(steps=800, train_per_face=8)
-QUICK = dict(budgets=(1, 5), arms=("scratch", "seed", "bit"), seeds=(0,), steps=4,
+QUICK = dict(budgets=(1, 5), arms=("scratch", "seed", "auto"), seeds=(0,), steps=4,
              pretrain_steps=6, train_per_face=1)
 
 
@@ -51,7 +51,7 @@ def source_weights(model: str, workdir: Path, *, steps: int, train_per_face: int
 
 
 def run_cell(table: str, model: str, arm_name: str, budget: int | None, seed: int, *,
-             weights: Path, workdir: Path, steps: int | None) -> dict:
+             weights: Path, workdir: Path, steps: int | None, length: str = "tiers") -> dict:
     """One fine-tuning run through `fit`; returns its record (top-1 on the fixed test set)."""
     from experiments.transfer import arms, targets
     from jaxsft.config import Config
@@ -63,8 +63,9 @@ def run_cell(table: str, model: str, arm_name: str, budget: int | None, seed: in
         targets.write_target(table, data.with_suffix(".tmp"), budget, seed)
         data.with_suffix(".tmp").rename(data)
     n = sum(1 for _ in (data / "train").rglob("*.png"))
-    steps = steps or arms.steps_for(n)
-    fields = arms.resolve(arms.ARMS[arm_name], train_examples=n, steps=steps)
+    arm = {**arms.ARMS, **arms.CANDIDATES}[arm_name]
+    steps = steps or arms.steps_for(n, arm, length)
+    fields = arms.resolve(arm, train_examples=n, steps=steps)
     fields.setdefault("weights", str(weights))
     if fields["weights"]:
         fields["new_head"] = True
@@ -100,6 +101,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed-list", help="exactly these seeds, e.g. 2 (a second process's share;"
                    " its JSON is named ..._seeds2, merged by report.py)")
     p.add_argument("--budgets", help="a subset of the labels per class, e.g. 25,all")
+    p.add_argument("--length", choices=("tiers", "auto"), default="tiers",
+                   help="steps of every arm: the first protocol's tiers (40 up to 100 images, "
+                   "100 above), or what --recipe auto chooses (the second protocol)")
     p.add_argument("--workdir", default="runs/transfer")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--fresh", action="store_true", help="ignore cells already in the JSON")
@@ -113,7 +117,8 @@ def main(argv=None) -> None:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    name = f"{args.table}_{args.model}{'_quick' if args.quick else ''}"
+    name = f"{args.table}_{args.model}{'_auto-length' if args.length == 'auto' else ''}" \
+        f"{'_quick' if args.quick else ''}"
     if args.seed_list:
         name += "_seeds" + args.seed_list.replace(",", "")
     if args.budgets:
@@ -140,9 +145,10 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     weights = source_weights(args.model, workdir, steps=pre_steps, train_per_face=per_face)
     record["pretrain_s"] = record.get("pretrain_s") or round(time.perf_counter() - t0, 1)
-    record.update(table=args.table, model=args.model, quick=args.quick,
+    record.update(table=args.table, model=args.model, quick=args.quick, length=args.length,
                   compilation_cache=str(cache), onednn="off", batch=arms.BATCH,
-                  arms={a: arms.ARMS[a] for a in arm_names}, source=str(weights))
+                  arms={a: {**arms.ARMS, **arms.CANDIDATES}[a] for a in arm_names},
+                  source=str(weights))
     done = {(r["arm"], r["budget"], r["seed"]) for r in record["runs"]}
     for seed in seeds:
         for budget in budgets:
@@ -150,7 +156,8 @@ def main(argv=None) -> None:
                 if (arm_name, budget, seed) in done:
                     continue
                 row = run_cell(args.table, args.model, arm_name, budget, seed,
-                               weights=weights, workdir=workdir, steps=steps)
+                               weights=weights, workdir=workdir, steps=steps,
+                               length=args.length)
                 print(f"CELL {json.dumps(row)}", flush=True)
                 record["runs"].append(row)
                 out.parent.mkdir(parents=True, exist_ok=True)

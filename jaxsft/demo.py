@@ -26,7 +26,7 @@ ARM_LABELS = {"auto": "fine-tuned, --recipe auto (the default)",
               "seed": "fine-tuned, --recipe seed (SGD 0.01/0.9, constant)",
               "scratch": "trained from random initialisation"}
 IMAGE_SIZE = 32
-FEWSHOT_BATCH = 16
+FEWSHOT_BATCH = 8  # as the transfer benchmark
 
 
 def write_digit_folders(root: Path, labels_per_class: int, seed: int = 0) -> tuple[Path, Path]:

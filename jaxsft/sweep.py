@@ -383,7 +383,8 @@ def retrain_line(record: dict[str, Any]) -> str:
 
 def run_trial(cfg: Config) -> dict[str, Any]:
     """Trains (or resumes) one run and reads its final evaluation: the record's result
-    fields; a diverged run is `failed`, with the first clause of the error."""
+    fields (wall_s: this call's seconds); a diverged run is `failed`, with the first clause
+    of the error."""
     from jaxsft import trainer
 
     started = time.perf_counter()
@@ -399,6 +400,12 @@ def run_trial(cfg: Config) -> dict[str, Any]:
         result.update(top1=final["top1"], top5=final["top5"], loss=final["loss"],
                       examples=int(final["count"]))
     return result
+
+
+def _prefixed(result: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The evaluation's fields named for the split they score (val_top1, eval_top1)."""
+    scores = ("top1", "top5", "loss", "examples")
+    return {(prefix + k if k in scores else k): v for k, v in result.items()}
 
 
 def last_eval(workdir: Path) -> dict[str, Any] | None:
@@ -419,11 +426,7 @@ def _run_trials(root: Path, record: dict[str, Any], configs: dict[str, Config],
             say(f"{label}: recorded ({_summary(r)}); skipped")
             continue
         say(f"{label}: training in {root / r['workdir']}")
-        result = run_trial(configs[r["name"]])
-        for key in ("top1", "top5", "loss", "examples"):
-            if key in result:
-                result[f"val_{key}"] = result.pop(key)
-        r.update(result)
+        r.update(_prefixed(run_trial(configs[r["name"]]), "val_"))
         write()
         say(f"{label}: {_summary(r)}")
 
@@ -448,18 +451,14 @@ def _retrain(root: Path, base: Config, record: dict[str, Any], settings: dict[st
         return
     cfg = base.replace(**settings[best], workdir=str(root / BEST_DIR), overwrite=False)
     say(f"retraining {best} on {base.data.train_split} in {root / BEST_DIR}")
-    result = run_trial(cfg)
+    result = _prefixed(run_trial(cfg), "eval_")
     from jaxsft import data
 
     split = data.dataset_info(cfg.data).eval_split
-    for key in ("top1", "top5", "loss", "examples"):
-        if key in result:
-            result[f"eval_{key}"] = result.pop(key)
     record["retrain"] = {"name": best, "settings": _jsonable(settings[best]),
                          "workdir": BEST_DIR, "train_split": base.data.train_split,
                          "eval_split": split, **result}
     write()
-    say(retrain_line(record))
 
 
 def sweep(base: Config, grid: Grid, *, holdout: float = DEFAULT_HOLDOUT,

@@ -303,6 +303,57 @@ def test_carved_validation_split(tmp_path):
     assert train | {i for i, _ in seen} == set(range(60)) and not train & {i for i, _ in seen}
 
 
+def eval_examples(cfg: DataConfig) -> list[tuple[int, int]]:
+    """(example index, label) of every real example of the eval split, in order."""
+    return [(index_of(img), int(lab)) for b in data.eval_batches(cfg)
+            for img, lab, m in zip(b["image"].reshape(-1, 16, 16, 3), b["label"].ravel(),
+                                   b["mask"].ravel(), strict=True) if m]
+
+
+def test_folder_slices_are_stratified_and_complementary(tmp_path):
+    """A slice of a folder split takes its share of every class (the split is sorted by
+    class, where a plain slice would take whole classes); complementary slices partition it,
+    each kept in the split's order; the whole split is unchanged."""
+    root = colour_folder(tmp_path, {"train": 61, "test": 9})  # class0 has 21 examples
+    head = eval_examples(colour_cfg(root, batch_size=4, eval_split="train[:75%]"))
+    tail = eval_examples(colour_cfg(root, batch_size=4, eval_split="train[75%:]"))
+    assert (len(head), len(tail)) == (46, 15)
+    assert np.bincount([label for _, label in tail]).tolist() == [5, 5, 5]
+    assert sorted(i for i, _ in head + tail) == list(range(61))
+    whole = eval_examples(colour_cfg(root, batch_size=4, eval_split="train"))
+    assert eval_examples(colour_cfg(root, batch_size=4, eval_split="train[:100%]")) == whole
+    assert [e for e in whole if e in tail] == tail  # the split's order (class, then path)
+    assert eval_examples(colour_cfg(root, batch_size=4, eval_split="train[75%:]")) == tail
+
+
+def test_holdout_splits_of_a_folder_and_of_tfds(tmp_path, digits_dir):
+    """A validation split carved from the train split only: disjoint from the rest and from
+    the eval split, the same in every run; TFDS's by its prepared (shuffled) order."""
+    root = colour_folder(tmp_path, {"train": 60, "test": 9})
+    cfg = colour_cfg(root, batch_size=4)
+    rest, held = data.holdout_splits(cfg, 0.2)
+    assert (rest, held) == ("train[0:48]", "train[48:60]")
+    carved = colour_cfg(root, batch_size=4, train_split=rest, eval_split=held)
+    info = data.dataset_info(carved)
+    assert (info.train_examples, info.eval_examples, info.eval_split) == (48, 12, held)
+    seen = eval_examples(carved)
+    assert np.bincount([label for _, label in seen]).tolist() == [4, 4, 4]
+    assert all(i < 60 for i, _ in seen)  # none of the test split's (60..68)
+    epoch = next(data.train_batches(dataclasses.replace(carved, batch_size=48), seed=3))
+    train = {index_of(img) for img in epoch["image"].reshape(-1, 16, 16, 3)}
+    assert train | {i for i, _ in seen} == set(range(60)) and not train & {i for i, _ in seen}
+
+    digits = DataConfig(dataset="digits", data_dir=digits_dir)
+    assert data.holdout_splits(digits, 0.2) == ("train[0:1150]", "train[1150:1438]")
+    both = dataclasses.replace(digits, train_split="train[:50%]+test[10:20]")
+    assert data.holdout_splits(both, 0.2) == ("train[0:575]+test[10:18]",
+                                               "train[575:719]+test[18:20]")
+    with pytest.raises(data.DataError, match="leaves one side empty"):
+        data.holdout_splits(dataclasses.replace(digits, train_split="train[:1]"), 0.2)
+    with pytest.raises(data.DataError, match=r"must be in \(0, 1\)"):
+        data.holdout_splits(digits, 1.0)
+
+
 # ---------------------------------------------------------------------- coverage, sharding
 
 

@@ -10,8 +10,8 @@ the ones below it:
 - the TensorFlow side: `transforms` (torchvision's preprocessing as TF ops), `digits` (the
   built-in data set), `sources` (TFDS builder or folder behind one interface), `pipeline`
   (tf.data: decode, augment, batch);
-- this module: dataset_info, steps_per_epoch, train_batches, eval_batches, load_image,
-  device_prefetch.
+- this module: dataset_info, holdout_splits, steps_per_epoch, train_batches, eval_batches,
+  load_image, device_prefetch.
 Importing it imports neither TensorFlow nor anything that changes the process's state:
 TensorFlow is imported, and hidden from every GPU (the accelerators belong to JAX), only
 when data is first read.
@@ -23,7 +23,8 @@ Sources (`DataConfig.dataset`):
   (or `--image-key` / `--label-key`);
 - `folder:/path`, or an existing directory given as is (`/path`, `./images`, `~/images`):
   `root/<split>/<class>/*` or `root/<class>/*` with a seeded `val` split carved out
-  (jaxsft/data/folder.py); class names are the folder names;
+  (jaxsft/data/folder.py); class names are the folder names; the same split syntax, where a
+  slice takes a stratified, seeded part of the split (every class in proportion);
 - `digits`: scikit-learn's bundled 8x8 digits as a TFDS data set, 32x32 RGB, offline
   (jaxsft/data/digits.py).
 
@@ -96,8 +97,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Batches", "DataError", "DatasetInfo", "SkippedImages", "dataset_info", "device_prefetch",
-    "eval_batches", "load_image", "local_batch", "quiet_tensorflow", "steps_per_epoch",
-    "train_batches",
+    "eval_batches", "holdout_splits", "load_image", "local_batch", "quiet_tensorflow",
+    "steps_per_epoch", "train_batches",
 ]
 
 
@@ -114,6 +115,18 @@ def _source(cfg: DataConfig):
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
     """Classes, class names and split sizes; prepares a TFDS data set on first use."""
     return _source(cfg).info
+
+
+def holdout_splits(cfg: DataConfig, fraction: float) -> tuple[str, str]:
+    """`cfg.train_split` as (rest, held out), two disjoint splits in the data set's split
+    syntax, the held-out one `fraction` of it: a validation split carved from the training
+    data, never from the eval split (Kornblith et al. 2019's protocol), to pass as
+    --train-split and --eval-split. The same examples in every run, whatever its seed: of a
+    TFDS data set the last examples of each part (TFDS shuffled them once, when it prepared
+    the data set), of a folder a stratified slice (every class in proportion)."""
+    if not 0 < fraction < 1:
+        raise DataError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    return _source(cfg).holdout(cfg.train_split, fraction)
 
 
 def steps_per_epoch(info: DatasetInfo, cfg: DataConfig) -> int:

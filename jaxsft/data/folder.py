@@ -12,6 +12,11 @@ all splits together, so a class missing from one split keeps its index. Files ar
 sorted, so the index is the same on every machine; unreadable files are found later, when
 decoded (see jaxsft.data.pipeline).
 
+A slice of a split (`train[:80%]`, `train[80%:]`, in TFDS's split syntax) is taken in
+`stratified_order`: the same seeded permutations, the classes interleaved, so that every
+slice holds its share of each class and complementary slices are disjoint; the examples it
+picks keep the split's order.
+
 Symbolic links are followed (images kept on another disk are common), except a link that
 would make a split hold itself or another split's images: one that resolves to the split, to
 a folder above it, or into another split's folder is skipped with a warning. (Links to folders
@@ -122,6 +127,11 @@ def _leaks(link: Path, split: Path, others: list[Path]) -> bool:
     return True
 
 
+def _class_order(label: int, size: int) -> np.ndarray:
+    """The fixed, seeded order of a class's `size` examples (not the run's seed)."""
+    return np.random.default_rng([CARVE_SEED, int(label)]).permutation(size)
+
+
 def _carve(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
     """Stratified, seeded split of `examples` into (train, val)."""
     labels = np.array([label for _, label in examples])
@@ -129,8 +139,21 @@ def _carve(examples: list[Example], fraction: float) -> tuple[list[Example], lis
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         n_val = min(max(round(len(members) * fraction), 1), len(members) - 1)
-        order = np.random.default_rng([CARVE_SEED, int(label)]).permutation(len(members))
-        held_out[members[order[:n_val]]] = True
+        held_out[members[_class_order(label, len(members))[:n_val]]] = True
     train = [e for e, out in zip(examples, held_out, strict=True) if not out]
     val = [e for e, out in zip(examples, held_out, strict=True) if out]
     return train, val
+
+
+def stratified_order(examples: list[Example]) -> list[Example]:
+    """`examples` in a fixed, seeded order that spreads every class evenly, so that any
+    contiguous slice holds about its share of each class: the k-th of a class of n (in its
+    seeded order) sits at (k + 1/2) / n of the way, ties by label. A folder's split is
+    sorted by class, where a slice would take whole classes."""
+    labels = np.array([label for _, label in examples], np.int64)
+    position = np.zeros(len(examples))
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        position[members[_class_order(label, len(members))]] = (
+            (np.arange(len(members)) + 0.5) / len(members))
+    return [examples[i] for i in np.lexsort((labels, position))]

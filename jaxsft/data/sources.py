@@ -67,6 +67,8 @@ class Source(Protocol):
 
     def shard_sizes(self, split: str, process_count: int) -> list[int]: ...
 
+    def holdout(self, split: str, fraction: float) -> tuple[str, str]: ...
+
     def reader(self, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
         ...
 
@@ -106,6 +108,23 @@ def _nonempty(n: int, split: str, dataset: str) -> int:
     if n <= 0:
         raise DataError(f"split {split!r} of {dataset} has no examples; choose another split")
     return n
+
+
+def holdout(split: str, table, fraction: float, dataset: str) -> tuple[str, str]:
+    """`split` as two disjoint splits in absolute TFDS syntax: (the rest, the held-out last
+    `fraction` of each of its parts, in the source's fixed order). `table` maps split names
+    to their sizes, as `ReadInstruction.to_absolute` reads them."""
+    rest, held = [], []
+    for p in tfds.core.ReadInstruction.from_spec(split).to_absolute(table):
+        start = p.from_ or 0
+        stop = table[p.splitname].num_examples if p.to is None else p.to
+        cut = start + round((stop - start) * (1 - fraction))
+        rest += [f"{p.splitname}[{start}:{cut}]"] if cut > start else []
+        held += [f"{p.splitname}[{cut}:{stop}]"] if stop > cut else []
+    if not rest or not held:
+        raise DataError(f"holding out {fraction:g} of split {split!r} of {dataset} leaves one "
+                        "side empty: use a larger split or another fraction")
+    return "+".join(rest), "+".join(held)
 
 
 # ---------------------------------------------------------------------- TFDS
@@ -230,6 +249,12 @@ class TfdsSource:
         return [self.builder.info.splits[s].num_examples
                 for s in tfds.even_splits(split, n=process_count)]
 
+    def holdout(self, split: str, fraction: float) -> tuple[str, str]:
+        """(rest, held out) of `split`: TFDS shuffled the examples when it prepared them, so
+        the last part of each split is a seeded random sample of it."""
+        self._size(split)  # a bad or empty split: its one error
+        return holdout(split, self.builder.info.splits, fraction, self.builder.name)
+
     def reader(self, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
         return self._ordered(tfds.even_splits(split, n=process_count)[process_index])
 
@@ -312,6 +337,7 @@ class FolderSource:
 
     def __init__(self, cfg: DataConfig, root: str):
         self.index = folder_lib.scan(root, cfg.val_fraction)
+        self._orders: dict[str, list[folder_lib.Example]] = {}
         eval_split = resolve_eval_split(cfg, list(self.index.splits), cfg.dataset)
         self.name = cfg.dataset
         self.info = DatasetInfo(
@@ -325,18 +351,38 @@ class FolderSource:
             label_key="label",
         )
 
+    def _sizes(self) -> dict[str, types.SimpleNamespace]:
+        """The split sizes as TFDS's ReadInstruction.to_absolute reads them."""
+        return {name: types.SimpleNamespace(num_examples=len(ex), shard_lengths=[len(ex)])
+                for name, ex in self.index.splits.items()}
+
     def _examples(self, split: str) -> list[folder_lib.Example]:
-        """The examples of a split in TFDS syntax (train[:50%], train+val, ...)."""
-        sizes = {name: types.SimpleNamespace(num_examples=len(ex), shard_lengths=[len(ex)])
-                 for name, ex in self.index.splits.items()}
+        """The examples of a split in TFDS syntax (train[:50%], train+val, ...); a slice is
+        taken in the split's stratified order (jaxsft.data.folder), its examples kept in the
+        split's own order."""
         try:
-            parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
+            parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(self._sizes())
         except (ValueError, KeyError, AssertionError) as e:
             raise DataError(f"split {split!r} of {self.name}: {e}; available splits: "
                             f"{', '.join(self.index.splits)}") from None
-        examples = [e for p in parts for e in self.index.splits[p.splitname][p.from_:p.to]]
+        examples = []
+        for p in parts:
+            whole = self.index.splits[p.splitname]
+            picked = set(self._stratified(p.splitname)[p.from_:p.to])
+            examples += [e for e in whole if e in picked]
         _nonempty(len(examples), split, self.name)
         return examples
+
+    def _stratified(self, name: str) -> list[folder_lib.Example]:
+        if name not in self._orders:
+            self._orders[name] = folder_lib.stratified_order(self.index.splits[name])
+        return self._orders[name]
+
+    def holdout(self, split: str, fraction: float) -> tuple[str, str]:
+        """(rest, held out) of `split`: the held-out part is the last `fraction` of each part
+        in its stratified, seeded order, so it holds that share of every class."""
+        self._examples(split)  # a bad or empty split: its one error
+        return holdout(split, self._sizes(), fraction, self.name)
 
     def train_access(self, split: str) -> RandomAccess:
         """The split's file list, gathered by index (paths and labels in memory)."""

@@ -34,6 +34,8 @@ _EXPORTS = {
     "mix_batch": "jaxsft.mixing",
     "fit": "jaxsft.trainer",
     "evaluate": "jaxsft.trainer",
+    "setup": "jaxsft.process",
+    "class_mean_head": "jaxsft.imprint",
     "Config": "jaxsft.config",
     "ConfigError": "jaxsft.config",
     "logme": "jaxsft.transferability",

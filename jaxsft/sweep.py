@@ -33,7 +33,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -195,11 +195,18 @@ def trial_name(settings: dict[str, Any]) -> str:
 
 
 def trial_config(base: Config, settings: dict[str, Any], workdir: Path,
-                 splits: tuple[str, str]) -> Config:
+                 splits: tuple[str, str], given: Collection[str] = ()) -> Config:
     """A trial's config: trained on the rest of the training split, evaluated on the
-    held-out part, in its own workdir."""
-    return base.replace(**settings, workdir=str(workdir), train_split=splits[0],
-                        eval_split=splits[1], overwrite=False)
+    held-out part, in its own workdir; --recipe auto/seed resolved with the grid's
+    settings and the flags `given` kept as set."""
+    return _resolved(base.replace(**settings, workdir=str(workdir), train_split=splits[0],
+                                  eval_split=splits[1], overwrite=False), given, settings)
+
+
+def _resolved(cfg: Config, given: Collection[str], settings: dict[str, Any]) -> Config:
+    from jaxsft import data, recipes
+
+    return recipes.resolve(cfg, data.dataset_info(cfg.data), {*given, *settings})[0]
 
 
 def _check_trials(base: Config, grid: Grid) -> None:
@@ -439,7 +446,8 @@ def _summary(r: dict[str, Any]) -> str:
 
 
 def _retrain(root: Path, base: Config, record: dict[str, Any], settings: dict[str, dict],
-             write: Callable[[], None], say: Callable[[str], None]) -> None:
+             write: Callable[[], None], say: Callable[[str], None],
+             given: Collection[str] = ()) -> None:
     """Trains the best settings on the whole training split in <workdir>/best and records
     its score on the eval split (once: a recorded retrain is not run again)."""
     best = record["best"]
@@ -449,7 +457,8 @@ def _retrain(root: Path, base: Config, record: dict[str, Any], settings: dict[st
     if record.get("retrain") and record["retrain"]["name"] == best:
         say(f"retrain of {best}: recorded; skipped")
         return
-    cfg = base.replace(**settings[best], workdir=str(root / BEST_DIR), overwrite=False)
+    cfg = _resolved(base.replace(**settings[best], workdir=str(root / BEST_DIR),
+                                 overwrite=False), given, settings[best])
     say(f"retraining {best} on {base.data.train_split} in {root / BEST_DIR}")
     result = _prefixed(run_trial(cfg), "eval_")
     from jaxsft import data
@@ -462,8 +471,10 @@ def _retrain(root: Path, base: Config, record: dict[str, Any], settings: dict[st
 
 
 def sweep(base: Config, grid: Grid, *, holdout: float = DEFAULT_HOLDOUT,
-          retrain: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
+          retrain: bool = False, say: Callable[[str], None] = print,
+          given: Collection[str] = ()) -> dict[str, Any]:
     """Runs (or resumes) the sweep in `base.run.workdir`; returns its record (sweep.json).
+    `given`: fields the user set at their default values, which --recipe auto keeps.
 
     The workdir is locked (process 0) while the sweep runs; each trial's run locks its own.
     """
@@ -475,7 +486,7 @@ def sweep(base: Config, grid: Grid, *, holdout: float = DEFAULT_HOLDOUT,
     splits = data.holdout_splits(base.data, holdout)
     root = Path(base.run.workdir)
     settings = {trial_name(s): s for s in trials(grid)}
-    configs = {name: trial_config(base, s, root / TRIALS_DIR / name, splits)
+    configs = {name: trial_config(base, s, root / TRIALS_DIR / name, splits, given)
                for name, s in settings.items()}
     _check_plans(list(configs.values()))
     info = data.dataset_info(next(iter(configs.values())).data)
@@ -495,7 +506,7 @@ def sweep(base: Config, grid: Grid, *, holdout: float = DEFAULT_HOLDOUT,
         write()
         _run_trials(root, record, configs, write, say)
         if retrain:
-            _retrain(root, base, record, settings, write, say)
+            _retrain(root, base, record, settings, write, say, given)
     return record
 
 
@@ -538,7 +549,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if getattr(args, "overwrite", False):
         raise ConfigError("--overwrite does not apply to a sweep (nothing of one is moved "
                           "aside): pass a new --workdir")
-    base = config.from_args(args)
+    given = train.given_fields(args)
+    base = train.default_recipe(config.from_args(args), given)
     grid = parse_grid(own["grid"], base)
     if not 0 < own["holdout"] < 1:
         raise ConfigError(f"--holdout must be in (0, 1), e.g. 0.2, got {own['holdout']}")
@@ -548,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                            launch["process_id"], timeout_s=launch["distributed_timeout"])
     for dtype in {base.model.dtype, *grid.get("dtype", ())}:
         cli.use_dtype(dtype)
-    record = sweep(base, grid, holdout=own["holdout"], retrain=own["retrain"])
+    record = sweep(base, grid, holdout=own["holdout"], retrain=own["retrain"], given=given)
     _report(record, own["retrain"])
 
 

@@ -28,6 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_fields(args: argparse.Namespace) -> set[str]:
+    """The config fields set on the command line (the flags' defaults are SUPPRESS)."""
+    return {k for k in vars(args) if k in config.FLAT_FIELDS}
+
+
+def default_recipe(cfg: config.Config, given: set[str]) -> config.Config:
+    """Fine-tuning (--weights) without a named --recipe uses auto (jaxsft.recipes)."""
+    if "recipe" not in given and cfg.model.weights and cfg.optim.recipe == "full":
+        return cfg.replace(recipe="auto")
+    return cfg
+
+
 LAUNCH_FLAGS = ("coordinator_address", "num_processes", "process_id", "distributed_timeout")
 
 
@@ -36,10 +48,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     launch = {k: getattr(args, k) for k in LAUNCH_FLAGS}
     for k in LAUNCH_FLAGS:
         delattr(args, k)
-    given = {k for k in vars(args) if k in config.FLAT_FIELDS}
-    cfg = config.from_args(args)  # validated before JAX starts
-    if "recipe" not in given and cfg.model.weights and cfg.optim.recipe == "full":
-        cfg = cfg.replace(recipe="auto")  # fine-tuning: the rule, unless a recipe is named
+    given = given_fields(args)
+    cfg = default_recipe(config.from_args(args), given)  # validated before JAX starts
     from jaxsft import distributed
 
     distributed.initialize(launch["coordinator_address"], launch["num_processes"],

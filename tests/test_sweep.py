@@ -316,3 +316,22 @@ def test_a_real_trial_trains_on_the_held_out_split_and_is_scored_on_it(folder, t
         last["top1"], last["loss"], 12)
     assert (run / "checkpoints" / "2").is_dir()
     assert f"| 1 | 0.02 | {100 * last['top1']:.2f}% | " in out
+
+
+def test_with_weights_trials_use_auto_and_keep_the_grids_and_the_flags_values(
+        folder, tmp_path, capsys, fake_fit):
+    """As in jaxsft.train, --weights without --recipe is --recipe auto; a grid value or a
+    flag equal to the default is still the user's (auto would choose cosine otherwise)."""
+    import torch
+    import torchvision
+
+    weights = tmp_path / "w.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
+    argv = _argv(folder, tmp_path / "s", "--weights", weights, "--lr", 0.01,
+                 "--grid", "schedule=constant,cosine")
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    seen = [(c.optim.recipe, c.optim.schedule, c.optim.lr, c.model.head_init, c.run.steps)
+            for c in fake_fit.calls]
+    assert seen == [("full", "constant", 0.01, "imprint", 2), ("full", "cosine", 0.01,
+                                                               "imprint", 2)]

@@ -47,9 +47,12 @@ def markdown(record: dict) -> str:
             row.append(f"**{text}**" if np.mean(v) == best[b] else text)
         lines.append(f"| {a} | " + " | ".join(row) + " |")
     seeds = sorted({r["seed"] for r in record["runs"]})
+    per_arm = {a: len({r["seed"] for r in record["runs"] if r["arm"] == a}) for a in arms}
+    counts = "" if len(set(per_arm.values())) == 1 else " (seeds per arm: " + ", ".join(
+        f"{a} {n}" for a, n in per_arm.items()) + ")"
     lines.append(f"\nTop-1 (%) on the fixed test set of {record['runs'][0]['test_count']} "
-                 f"images, mean ± sample std over seeds {seeds}; bold: the best mean per "
-                 "budget. †: a seed whose loss became non-finite (the run failed), counted "
+                 f"images, mean ± sample std over seeds {seeds}{counts}; bold: the best mean "
+                 "per budget. †: a seed whose loss became non-finite (the run failed), counted "
                  "at chance.")
     return "\n".join(lines)
 

@@ -38,6 +38,22 @@ def truth_of(record: dict, budget: str) -> dict[str, dict]:
     return out
 
 
+def seed_agreement(record: dict, budget: str) -> list[float | None]:
+    """Per seed, τ_w of that seed's top-1 against the mean of the other seeds': how well
+    the ground truth agrees with itself, the most a score can be expected to reach."""
+    names = [c["name"] for c in record["zoo"]]
+    top1 = {(r["candidate"], r["seed"]): 100 * r["top1"] for r in record["runs"]
+            if r["budget"] == budget}
+    seeds = sorted({s for _, s in top1})
+    out = []
+    for seed in seeds:
+        have = [n for n in names if all((n, s) in top1 for s in seeds)]
+        others = [np.mean([top1[n, s] for s in seeds if s != seed]) for n in have]
+        out.append(weighted_tau([top1[n, seed] for n in have], others)
+                   if len(seeds) > 1 else None)
+    return out
+
+
 def _values(record: dict, budget: str) -> tuple[dict[str, dict], dict[str, float]]:
     """({score: {candidate: value}} incl. the baseline, {score: total seconds})."""
     rows = record["scores"][budget]["candidates"]
@@ -59,6 +75,7 @@ def summarise_target(record: dict, budget: str) -> dict:
     finetune_all = sum(r["wall_s"] for r in record["runs"] if r["budget"] == budget)
     best = max(names, key=lambda n: truth[n]["mean"]) if names else None
     out = {"candidates": len(names), "truth": truth, "best": best, "scores": {},
+           "seed_agreement": seed_agreement(record, budget),
            "finetune_s": {"one_seed": round(finetune_one, 1), "all_seeds": round(finetune_all, 1)}}
     for score, by_name in values.items():
         have = [n for n in names if by_name.get(n) is not None]
@@ -99,7 +116,7 @@ def _num(value, fmt: str = "{:.3f}") -> str:
 def zoo_table(record: dict, summary: dict) -> list[str]:
     budgets = list(summary["targets"])
     lines = ["| candidate | source | steps | source top-1 | pretraining run (s) | "
-             + " | ".join(f"top-1, {b} per class" for b in budgets) + " |",
+             + " | ".join(f"top-1, {b} labels per class" for b in budgets) + " |",
              "| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(budgets)]
     for c in record["zoo"]:
         cells = []
@@ -158,7 +175,17 @@ def markdown(record: dict) -> str:
              "τ_w: scipy.stats.weightedtau of the score against the mean fine-tuned top-1 "
              "over the candidates; pick: the score's top candidate and its fine-tuned top-1 "
              "below the best (points); s: seconds of features + score over all candidates; "
-             "% of FT: of fine-tuning every candidate once (one seed each)."]
+             "% of FT: of fine-tuning every candidate once (one seed each); n/a: no value for "
+             "any candidate (select's source_acc reads a top-1 only for torchvision's files "
+             "or a workdir's summary.json, not for an exported file)."]
+    lines += ["", "Seed agreement (τ_w of one seed's top-1 against the other seeds' mean, per "
+              "seed; added after the results were seen: how far the ground truth agrees with "
+              "itself, a rough ceiling for a score):"]
+    lines += [f"- {b}: " + ", ".join(_num(v) for v in t["seed_agreement"])
+              for b, t in summary["targets"].items()]
+    pretraining = {(c["arch"], c["source"]): c["pretrain_s"] for c in record["zoo"]}
+    lines += ["", f"Pretraining, all runs: {sum(pretraining.values()):.0f} s; this table, all "
+              f"invocations: {record.get('wall_s', 0):.0f} s."]
     for budget, t in summary["targets"].items():
         lines += ["", f"Scores at {budget} labels per class ({t['candidates']} candidates; "
                   f"fine-tuning each once: {t['finetune_s']['one_seed']:.0f} s, all seeds: "
@@ -173,3 +200,21 @@ def markdown(record: dict) -> str:
                      f"; τ_w >= {TAU_GOAL}: {g['tau_ok']}; beats baseline: "
                      f"{g['beats_baseline']}; cost under {100 * COST_GOAL:.0f}%: {g['cost_ok']}")
     return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    """python -m experiments.selection.report RESULTS.json: the summary and .md again."""
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path((argv or sys.argv[1:])[0])
+    record = json.loads(path.read_text())
+    record["summary"] = summarise(record)
+    path.write_text(json.dumps(record, indent=1))
+    path.with_suffix(".md").write_text(markdown(record))
+    print(markdown(record))
+
+
+if __name__ == "__main__":
+    main()

@@ -25,12 +25,33 @@ QUICK = dict(budgets=(1, 5), arms=("scratch", "seed", "auto"), seeds=(0,), steps
              pretrain_steps=6, train_per_face=1)
 
 
+def pretrain(model: str, data: Path, run: Path, *, steps: int, eval_every: int | None = None,
+             keep: int = 3) -> None:
+    """The benchmark's source recipe through `fit`: `model` on the image folder `data`
+    (train/ and val/), SGD 0.05/0.9 cosine, weight decay 5e-4, batch 32; evaluated and
+    checkpointed every `eval_every` steps (default: twice a run), `keep` latest kept."""
+    from jaxsft.config import Config
+    from jaxsft.trainer import fit
+
+    every = eval_every or max(1, steps // 2)
+    fit(Config().replace(model=model, dataset=f"folder:{data}", image_size=32, augment="none",
+                         batch_size=32, eval_batch_size=124, lr=0.05, schedule="cosine",
+                         weight_decay=5e-4, steps=steps, eval_every=every,
+                         checkpoint_every=every, log_every=max(1, steps // 10), keep=keep,
+                         workdir=str(run), seed=0, overwrite=True))
+
+
+def export(run: Path, out: Path, checkpoint: int | str = "best") -> Path:
+    """`python -m jaxsft.export` of one checkpoint of a workdir, as a user exports it."""
+    subprocess.run([sys.executable, "-m", "jaxsft.export", "--workdir", str(run),
+                    "--out", str(out), "--checkpoint", str(checkpoint)], check=True)
+    return out
+
+
 def source_weights(model: str, workdir: Path, *, steps: int, train_per_face: int) -> Path:
     """Pretrains `model` on the character folders through `fit`, exports the best checkpoint
     with `python -m jaxsft.export`; reuses a file already exported."""
     from experiments.transfer.fonts import write_character_folders
-    from jaxsft.config import Config
-    from jaxsft.trainer import fit
 
     out = workdir / f"source_{model}.safetensors"
     if out.exists():
@@ -40,36 +61,37 @@ def source_weights(model: str, workdir: Path, *, steps: int, train_per_face: int
         write_character_folders(data.with_suffix(".tmp"), train_per_face=train_per_face)
         data.with_suffix(".tmp").rename(data)
     run = workdir / f"pretrain_{model}"
-    fit(Config().replace(model=model, dataset=f"folder:{data}", image_size=32, augment="none",
-                         batch_size=32, eval_batch_size=124, lr=0.05, schedule="cosine",
-                         weight_decay=5e-4, steps=steps, eval_every=max(1, steps // 2),
-                         checkpoint_every=max(1, steps // 2), log_every=max(1, steps // 10),
-                         workdir=str(run), seed=0, overwrite=True))
-    subprocess.run([sys.executable, "-m", "jaxsft.export", "--workdir", str(run),
-                    "--out", str(out)], check=True)
-    return out
+    pretrain(model, data, run, steps=steps)
+    return export(run, out)
 
 
-def run_cell(table: str, model: str, arm_name: str, budget: int | None, seed: int, *,
-             weights: Path, workdir: Path, steps: int | None, length: str = "tiers") -> dict:
-    """One fine-tuning run through `fit`; returns its record (top-1 on the fixed test set)."""
-    from experiments.transfer import arms, targets
-    from jaxsft.config import Config
-    from jaxsft.metrics import read_jsonl
-    from jaxsft.trainer import METRICS_FILE, TrainingError, fit
+def target_data(table: str, budget: int | None, seed: int, workdir: Path) -> Path:
+    """The target's folder for one label budget and seed, written once under workdir/data."""
+    from experiments.transfer import targets
 
     data = workdir / "data" / f"{table}_b{budget or 'all'}_s{seed}"
     if not data.exists():
         targets.write_target(table, data.with_suffix(".tmp"), budget, seed)
         data.with_suffix(".tmp").rename(data)
+    return data
+
+
+def finetune(model: str, arm: dict, data: Path, seed: int, *, weights: Path | None, run: Path,
+             steps: int | None = None, length: str = "tiers") -> dict:
+    """One fine-tuning run of an arm's Config fields through `fit` from `weights` (a new head;
+    an arm's own `weights` entry wins, None: random init); returns its record with the
+    final top-1 on data/test. The run's workdir is removed afterwards."""
+    from experiments.transfer import arms
+    from jaxsft.config import Config
+    from jaxsft.metrics import read_jsonl
+    from jaxsft.trainer import METRICS_FILE, TrainingError, fit
+
     n = sum(1 for _ in (data / "train").rglob("*.png"))
-    arm = {**arms.ARMS, **arms.CANDIDATES}[arm_name]
     steps = steps or arms.steps_for(n, arm, length)
     fields = arms.resolve(arm, train_examples=n, steps=steps)
-    fields.setdefault("weights", str(weights))
+    fields.setdefault("weights", None if weights is None else str(weights))
     if fields["weights"]:
         fields["new_head"] = True
-    run = workdir / "cells" / f"{table}_{model}_{arm_name}_b{budget or 'all'}_s{seed}"
     started = time.perf_counter()
     diverged = None
     try:
@@ -86,9 +108,21 @@ def run_cell(table: str, model: str, arm_name: str, budget: int | None, seed: in
         top1, count = 1.0 / len(classes), sum(1 for _ in (data / "test").rglob("*.png"))
     wall = time.perf_counter() - started
     shutil.rmtree(run)  # a checkpoint per cell would fill the disk
-    row = {"arm": arm_name, "budget": budget, "seed": seed, "top1": top1, "test_count": count,
-           "train_examples": n, "steps": steps, "wall_s": round(wall, 1)}
+    row = {"seed": seed, "top1": top1, "test_count": count, "train_examples": n,
+           "steps": steps, "wall_s": round(wall, 1)}
     return {**row, "diverged": diverged} if diverged else row
+
+
+def run_cell(table: str, model: str, arm_name: str, budget: int | None, seed: int, *,
+             weights: Path, workdir: Path, steps: int | None, length: str = "tiers") -> dict:
+    """One cell of the table through `finetune`; returns its record."""
+    from experiments.transfer import arms
+
+    data = target_data(table, budget, seed, workdir)
+    run = workdir / "cells" / f"{table}_{model}_{arm_name}_b{budget or 'all'}_s{seed}"
+    row = finetune(model, {**arms.ARMS, **arms.CANDIDATES}[arm_name], data, seed,
+                   weights=weights, run=run, steps=steps, length=length)
+    return {"arm": arm_name, "budget": budget, **row}
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,220 @@
+"""The selection study's numbers from its record: ground truth per candidate, the weighted
+Kendall tau of every score against it, what each score's pick loses, and what each costs
+next to fine-tuning every candidate."""
+
+from __future__ import annotations
+
+import numpy as np
+
+BASELINE = "source_top1"  # rank by the held-out source top-1 that pretraining recorded
+TAU_GOAL, COST_GOAL = 0.7, 0.05
+
+
+def weighted_tau(values: list[float | None], truth: list[float]) -> float | None:
+    """scipy's weighted Kendall tau (hyperbolic weights, ranks from both orders averaged:
+    its defaults). A candidate without a value ranks last, as jaxsft.select ranks it."""
+    from scipy.stats import weightedtau
+
+    x = np.array([np.nan if v is None else v for v in values], np.float64)
+    if np.isfinite(x).sum() < 2 or len(set(truth)) < 2:
+        return None
+    x[~np.isfinite(x)] = np.nanmin(x) - 1.0
+    tau = float(weightedtau(x, np.asarray(truth, np.float64))[0])
+    return tau if np.isfinite(tau) else None
+
+
+def truth_of(record: dict, budget: str) -> dict[str, dict]:
+    """Per candidate: mean and sample std of top-1 (%) over seeds, and the mean seconds of
+    one fine-tuning run."""
+    out: dict[str, dict] = {}
+    for name in [c["name"] for c in record["zoo"]]:
+        runs = [r for r in record["runs"] if r["candidate"] == name and r["budget"] == budget]
+        if runs:
+            top1 = [100 * r["top1"] for r in runs]
+            out[name] = {"mean": float(np.mean(top1)), "n": len(runs),
+                         "std": float(np.std(top1, ddof=1)) if len(runs) > 1 else 0.0,
+                         "wall_s": float(np.mean([r["wall_s"] for r in runs])),
+                         "diverged": sum(1 for r in runs if r.get("diverged"))}
+    return out
+
+
+def seed_agreement(record: dict, budget: str) -> list[float | None]:
+    """Per seed, τ_w of that seed's top-1 against the mean of the other seeds': how well
+    the ground truth agrees with itself, the most a score can be expected to reach."""
+    names = [c["name"] for c in record["zoo"]]
+    top1 = {(r["candidate"], r["seed"]): 100 * r["top1"] for r in record["runs"]
+            if r["budget"] == budget}
+    seeds = sorted({s for _, s in top1})
+    out = []
+    for seed in seeds:
+        have = [n for n in names if all((n, s) in top1 for s in seeds)]
+        others = [np.mean([top1[n, s] for s in seeds if s != seed]) for n in have]
+        out.append(weighted_tau([top1[n, seed] for n in have], others)
+                   if len(seeds) > 1 else None)
+    return out
+
+
+def _values(record: dict, budget: str) -> tuple[dict[str, dict], dict[str, float]]:
+    """({score: {candidate: value}} incl. the baseline, {score: total seconds})."""
+    rows = record["scores"][budget]["candidates"]
+    names = list(dict.fromkeys(n for r in rows for n in r["scores"]))
+    values = {n: {r["name"]: r["scores"].get(n) for r in rows} for n in names}
+    features = sum(r["seconds"].get("features", 0.0) for r in rows)
+    seconds = {n: features + sum(r["seconds"].get(n, 0.0) for r in rows) for n in names}
+    values[BASELINE] = {c["name"]: c["source_top1"] for c in record["zoo"]}
+    seconds[BASELINE] = 0.0  # read from pretraining's own evaluation: no extra work
+    return values, seconds
+
+
+def summarise_target(record: dict, budget: str) -> dict:
+    """Taus, picks, regrets and costs of every score at one target."""
+    truth = truth_of(record, budget)
+    values, seconds = _values(record, budget)
+    names = list(truth)
+    finetune_one = sum(t["wall_s"] for t in truth.values())
+    finetune_all = sum(r["wall_s"] for r in record["runs"] if r["budget"] == budget)
+    best = max(names, key=lambda n: truth[n]["mean"]) if names else None
+    out = {"candidates": len(names), "truth": truth, "best": best, "scores": {},
+           "seed_agreement": seed_agreement(record, budget),
+           "finetune_s": {"one_seed": round(finetune_one, 1), "all_seeds": round(finetune_all, 1)}}
+    for score, by_name in values.items():
+        have = [n for n in names if by_name.get(n) is not None]
+        pick = max(have, key=lambda n: by_name[n]) if have else None
+        out["scores"][score] = {
+            "tau_w": weighted_tau([by_name.get(n) for n in names],
+                                  [truth[n]["mean"] for n in names]) if names else None,
+            "pick": pick,
+            "regret": None if pick is None else truth[best]["mean"] - truth[pick]["mean"],
+            "seconds": round(seconds[score], 2),
+            "cost_share": seconds[score] / finetune_one if finetune_one else None}
+    return out
+
+
+def summarise(record: dict) -> dict:
+    """Every target's summary and the goal's verdict for the recommended score."""
+    targets = {b: summarise_target(record, b) for b in record["budgets"]
+               if b in record["scores"]}
+    goal = {}
+    for budget, t in targets.items():
+        s, base = t["scores"].get(record["rank_by"], {}), t["scores"][BASELINE]
+        tau, share = s.get("tau_w"), s.get("cost_share")
+        goal[budget] = {"tau_w": tau, "baseline_tau_w": base["tau_w"],
+                        "tau_ok": tau is not None and tau >= TAU_GOAL,
+                        "beats_baseline": tau is not None and (base["tau_w"] is None
+                                                               or tau > base["tau_w"]),
+                        "cost_ok": share is not None and share < COST_GOAL}
+    met = bool(goal) and all(g["tau_ok"] and g["beats_baseline"] and g["cost_ok"]
+                             for g in goal.values())
+    return {"targets": targets, "goal": {"score": record["rank_by"], "by_target": goal,
+                                         "met": met}}
+
+
+def _num(value, fmt: str = "{:.3f}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def zoo_table(record: dict, summary: dict) -> list[str]:
+    budgets = list(summary["targets"])
+    lines = ["| candidate | source | steps | source top-1 | pretraining run (s) | "
+             + " | ".join(f"top-1, {b} labels per class" for b in budgets) + " |",
+             "| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(budgets)]
+    for c in record["zoo"]:
+        cells = []
+        for b in budgets:
+            t = summary["targets"][b]["truth"].get(c["name"])
+            text = "" if t is None else f"{t['mean']:.1f} ± {t['std']:.1f}"
+            if t and t["diverged"]:
+                text += " †" * t["diverged"]
+            cells.append(f"**{text}**" if summary["targets"][b]["best"] == c["name"] else text)
+        top1 = _num(c["source_top1"] and 100 * c["source_top1"], "{:.1f}")
+        lines.append(f"| {c['name']} | {c['source'] or '-'} | {c['steps']} | {top1} | "
+                     f"{c['pretrain_s']:.0f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def tau_table(summary: dict) -> list[str]:
+    budgets = list(summary["targets"])
+    head = "| score | " + " | ".join(
+        f"τ_w ({b}) | pick ({b}), regret | s ({b}) | % of FT ({b})" for b in budgets) + " |"
+    lines = [head, "| --- |" + " ---: | --- | ---: | ---: |" * len(budgets)]
+    scores = list(next(iter(summary["targets"].values()))["scores"])
+    for score in scores:
+        cells = []
+        for b in budgets:
+            s = summary["targets"][b]["scores"][score]
+            pick = "-" if s["pick"] is None else f"{s['pick']}, {s['regret']:.1f}"
+            cells += [_num(s["tau_w"]), pick, f"{s['seconds']:.1f}",
+                      _num(s["cost_share"] and 100 * s["cost_share"], "{:.1f}")]
+        name = f"{score} (baseline)" if score == BASELINE else score
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def values_table(record: dict, summary: dict, budget: str) -> list[str]:
+    t = summary["targets"][budget]
+    scores = [s for s in t["scores"] if s != BASELINE]
+    values = _values(record, budget)[0]
+    lines = ["| candidate | fine-tuned top-1 | " + " | ".join(scores) + " |",
+             "| --- | ---: |" + " ---: |" * len(scores)]
+    for c in record["zoo"]:
+        truth = t["truth"].get(c["name"])
+        cells = [_num(values[s].get(c["name"]), "{:.4f}") for s in scores]
+        lines.append(f"| {c['name']} | {_num(truth and truth['mean'], '{:.1f}')} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(record: dict) -> str:
+    summary = record["summary"]
+    lines = [f"# Selection on {record['table']}{' (quick)' if record['quick'] else ''}", "",
+             *zoo_table(record, summary), "",
+             f"Fine-tuned top-1 (%) on the fixed test set: mean ± sample std over seeds "
+             f"{record['seeds']} with {record['finetune']}; bold: the best candidate; "
+             "†: a run whose loss became non-finite (counted at chance).", "",
+             *tau_table(summary), "",
+             "τ_w: scipy.stats.weightedtau of the score against the mean fine-tuned top-1 "
+             "over the candidates; pick: the score's top candidate and its fine-tuned top-1 "
+             "below the best (points); s: seconds of features + score over all candidates; "
+             "% of FT: of fine-tuning every candidate once (one seed each); n/a: no value for "
+             "any candidate (select's source_acc reads a top-1 only for torchvision's files "
+             "or a workdir's summary.json, not for an exported file)."]
+    lines += ["", "Seed agreement (τ_w of one seed's top-1 against the other seeds' mean, per "
+              "seed; added after the results were seen: how far the ground truth agrees with "
+              "itself, a rough ceiling for a score):"]
+    lines += [f"- {b}: " + ", ".join(_num(v) for v in t["seed_agreement"])
+              for b, t in summary["targets"].items()]
+    pretraining = {(c["arch"], c["source"]): c["pretrain_s"] for c in record["zoo"]}
+    lines += ["", f"Pretraining, all runs: {sum(pretraining.values()):.0f} s; this table, all "
+              f"invocations: {record.get('wall_s', 0):.0f} s."]
+    for budget, t in summary["targets"].items():
+        lines += ["", f"Scores at {budget} labels per class ({t['candidates']} candidates; "
+                  f"fine-tuning each once: {t['finetune_s']['one_seed']:.0f} s, all seeds: "
+                  f"{t['finetune_s']['all_seeds']:.0f} s):", "",
+                  *values_table(record, summary, budget)]
+    goal = summary["goal"]
+    verdict = "met" if goal["met"] else "not met"
+    lines += ["", f"Goal for {goal['score']} (τ_w >= {TAU_GOAL}, above the baseline, under "
+              f"{100 * COST_GOAL:.0f}% of the cost, at every target): **{verdict}**."]
+    for budget, g in goal["by_target"].items():
+        lines.append(f"- {budget}: τ_w {_num(g['tau_w'])} (baseline {_num(g['baseline_tau_w'])})"
+                     f"; τ_w >= {TAU_GOAL}: {g['tau_ok']}; beats baseline: "
+                     f"{g['beats_baseline']}; cost under {100 * COST_GOAL:.0f}%: {g['cost_ok']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    """python -m experiments.selection.report RESULTS.json: the summary and .md again."""
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path((argv or sys.argv[1:])[0])
+    record = json.loads(path.read_text())
+    record["summary"] = summarise(record)
+    path.write_text(json.dumps(record, indent=1))
+    path.with_suffix(".md").write_text(markdown(record))
+    print(markdown(record))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,11 @@
-"""`python -m jaxsft.demo`: why pretraining matters, offline, in a few CPU minutes.
+"""`python -m jaxsft.demo`: fine-tuning well, offline, in about 3 CPU minutes.
 
-1. Pretrain a ResNet-18 on the handwritten digits 0-4 (scikit-learn's bundled 8x8 digits,
-   written as an image folder) and export it in torchvision's state-dict format.
-2. Fine-tune that file on the digits 5-9 with only a few labels per class, through the real
-   `fit` path (`--weights pretrained.safetensors`), with `--recipe auto` (what
-   `python -m jaxsft.train --weights ...` uses) and with the seed document's plain loop
+1. Pretrain a ResNet-18 on 62 printed characters rendered from the fonts in matplotlib's
+   wheel (the transfer benchmark's source, `jaxsft.data.characters`) and export it in
+   torchvision's state-dict format.
+2. Fine-tune that file on scikit-learn's handwritten digits 0-9 with a few labels per class,
+   through the real `fit` path (`--weights pretrained.safetensors`), with `--recipe auto`
+   (what `python -m jaxsft.train --weights ...` uses) and with the seed document's plain loop
    (`--recipe seed`), next to training from random initialisation; every run as long as
    auto chooses.
 3. Print the three accuracies side by side, and the plots' paths.
@@ -29,32 +30,28 @@ IMAGE_SIZE = 32
 FEWSHOT_BATCH = 8  # as the transfer benchmark
 
 
-def write_digit_folders(root: Path, labels_per_class: int, seed: int = 0) -> tuple[Path, Path]:
-    """Digits 0-4 -> root/pretrain/{train,test}; digits 5-9 -> root/fewshot/{train,test},
-    with `labels_per_class` training images per class and the rest held out."""
+def write_digits_target(root: Path, labels_per_class: int, seed: int = 0,
+                        test_per_class: int = 50) -> Path:
+    """scikit-learn's digits as root/{train,test}/digit_<k>/*.png (8x8 upscaled to 32x32):
+    `labels_per_class` training images per class, the next `test_per_class` held out."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(digits.target))
-    counts: dict[tuple[str, int], int] = {}
+    order = np.random.default_rng(seed).permutation(len(digits.target))
+    seen: dict[int, int] = {}
     for i in order:
         label = int(digits.target[i])
-        task = "pretrain" if label < 5 else "fewshot"
-        seen = counts.get((task, label), 0)
-        counts[task, label] = seen + 1
-        if task == "pretrain":
-            split = "test" if seen % 5 == 0 else "train"  # a fifth held out
-        else:
-            split = "train" if seen < labels_per_class else "test"
-        folder = root / task / split / f"digit_{label}"
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > labels_per_class + test_per_class:
+            continue
+        split = "train" if seen[label] <= labels_per_class else "test"
+        folder = root / split / f"digit_{label}"
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
-        image = Image.fromarray(pixels, mode="L").resize((IMAGE_SIZE, IMAGE_SIZE),
-                                                         Image.BILINEAR)
-        image.save(folder / f"{i:04d}.png")
-    return root / "pretrain", root / "fewshot"
+        Image.fromarray(pixels, mode="L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR).save(
+            folder / f"{i:04d}.png")
+    return root
 
 
 def demo_config(workdir: Path, dataset: Path, **overrides: object) -> Config:
@@ -68,40 +65,42 @@ def demo_config(workdir: Path, dataset: Path, **overrides: object) -> Config:
 SCRATCH = dict(lr=0.05, schedule="cosine", weight_decay=5e-4)
 
 
-def run(workdir: Path, *, pretrain_epochs: float, labels_per_class: int,
-        finetune_steps: int | None = None) -> dict[str, float]:
+def run(workdir: Path, *, pretrain_steps: int, labels_per_class: int,
+        finetune_steps: int | None = None, renderings: int = 2) -> dict[str, float]:
     from jaxsft import data, recipes
+    from jaxsft.data.characters import write_character_folders
     from jaxsft.metrics import read_jsonl
     from jaxsft.trainer import METRICS_FILE, PLOT_FILE, fit
     from jaxsft.weights import save_torch_state_dict
 
-    pretrain_data, fewshot_data = write_digit_folders(workdir / "data", labels_per_class)
-    print(f"== 1/4 pretraining resnet18 on digits 0-4 ({pretrain_epochs:g} epochs)")
-    state = fit(demo_config(workdir / "pretrain", pretrain_data, epochs=pretrain_epochs,
-                            **SCRATCH))
+    chars = write_character_folders(workdir / "data" / "characters", train_per_face=renderings)
+    fewshot_data = write_digits_target(workdir / "data" / "digits", labels_per_class)
+    print(f"== 1/4 pretraining resnet18 on 62 printed characters ({pretrain_steps} steps)")
+    state = fit(demo_config(workdir / "pretrain", chars, steps=pretrain_steps,
+                            eval_every=pretrain_steps, **SCRATCH))
     exported = workdir / "pretrained_resnet18.safetensors"
     save_torch_state_dict({"params": state.params, "batch_stats": state.batch_stats}, exported)
     print(f"exported in torchvision's state-dict format: {exported}")
 
-    # The pretrained head knows digits 0-4, five classes like 5-9 but other ones: --new-head
-    # (keeping it started the loss at 15-18). Every arm trains as long as auto chooses.
+    # The digits are 10 new classes for the 62-class head: --new-head. Every arm trains as
+    # long as auto chooses.
     pretrained = dict(weights=str(exported), new_head=True)
     arms = {"auto": dict(pretrained, recipe="auto"), "seed": dict(pretrained, recipe="seed"),
             "scratch": SCRATCH}
-    fewshot = demo_config(workdir, fewshot_data, batch_size=FEWSHOT_BATCH, log_every=1,
+    fewshot = demo_config(workdir, fewshot_data, batch_size=FEWSHOT_BATCH,
                           **({"steps": finetune_steps} if finetune_steps else {}))
     steps = recipes.resolve(fewshot.replace(**arms["auto"]),
                             data.dataset_info(fewshot.data))[0].run.steps
     evals = {}
     for i, (name, recipe) in enumerate(arms.items()):
-        print(f"== {i + 2}/4 {ARM_LABELS[name]} on digits 5-9, {labels_per_class} labels "
+        print(f"== {i + 2}/4 {ARM_LABELS[name]} on the digits, {labels_per_class} labels "
               "per class")
-        fit(fewshot.replace(workdir=str(workdir / name), steps=steps,
-                            eval_every=max(1, steps // 4), **recipe))
+        fit(fewshot.replace(workdir=str(workdir / name), steps=steps, eval_every=steps,
+                            log_every=max(1, steps // 4), **recipe))
         evals[name] = [r for r in read_jsonl(workdir / name / METRICS_FILE)
                        if r["split"] == "eval"]
     count = int(evals["auto"][-1]["count"])
-    print(f"\ndigits 5-9 with {labels_per_class} labels per class, top-1 on the {count} "
+    print(f"\nhandwritten digits with {labels_per_class} labels per class, top-1 on the {count} "
           f"held-out images after {steps} steps:")
     for name, rows in evals.items():
         print(f"  {ARM_LABELS[name] + ':':54}{100 * rows[-1]['top1']:7.2f}%")
@@ -112,16 +111,16 @@ def run(workdir: Path, *, pretrain_epochs: float, labels_per_class: int,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/demo", help="(default: runs/demo)")
-    p.add_argument("--pretrain-epochs", type=float, default=6, help="(default: 6)")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="(default: 300)")
     p.add_argument("--finetune-steps", type=int,
                    help="fine-tuning steps of every arm (default: what --recipe auto chooses)")
-    p.add_argument("--labels-per-class", type=int, default=10, help="(default: 10)")
+    p.add_argument("--labels-per-class", type=int, default=5, help="(default: 5)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run(Path(args.workdir), pretrain_epochs=args.pretrain_epochs,
+    run(Path(args.workdir), pretrain_steps=args.pretrain_steps,
         labels_per_class=args.labels_per_class, finetune_steps=args.finetune_steps)
 
 

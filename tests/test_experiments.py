@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.transfer import fonts, targets
+from experiments.transfer import targets
+from jaxsft.data import characters as fonts
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -317,8 +317,9 @@ def test_the_demo_pretrains_exports_and_fine_tunes_with_auto_seed_and_scratch(tm
                                                                                   capsys):
     from jaxsft import demo
 
-    # 5 pretraining steps; 20 labelled images (4 per class), 2 fine-tuning steps per arm.
-    result = demo.run(tmp_path, pretrain_epochs=0.2, finetune_steps=2, labels_per_class=4)
+    # 2 pretraining steps on one rendering per face; 2 fine-tuning steps per arm.
+    result = demo.run(tmp_path, pretrain_steps=2, renderings=1, finetune_steps=2,
+                      labels_per_class=4)
     out = capsys.readouterr().out
     assert (tmp_path / "pretrained_resnet18.safetensors").is_file()
     for label in demo.ARM_LABELS.values():
@@ -326,8 +327,8 @@ def test_the_demo_pretrains_exports_and_fine_tunes_with_auto_seed_and_scratch(tm
     assert "recipe auto: " in out and "head-init imprint" in out
     assert set(result) == {"auto", "seed", "scratch"}
     assert all(0 <= v <= 1 for v in result.values())
-    # The fine-tuned runs start from a new 5-class head, not the one of digits 0-4: the first
-    # loss is near ln 5, never the 15-18 of a confidently wrong old head.
+    # The fine-tuned runs start from a new 10-class head, not the 62 characters' one: the
+    # first loss is near ln 10, never that of a confidently wrong old head.
     rows = [json.loads(line) for line in (tmp_path / "seed" / "metrics.jsonl").open()]
     assert rows[0]["split"] == "train" and rows[0]["loss"] < 5
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["run"]["steps"] == 2

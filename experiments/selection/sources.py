@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.transfer.fonts import IMAGE_SIZE
+from jaxsft.data.characters import IMAGE_SIZE
 
 TEXTURES = ("grating_0", "grating_45", "grating_90", "grating_135", "plaid", "checker",
             "dots", "rings", "blobs", "noise")

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from experiments.selection import sources
-from experiments.transfer import fonts
 from experiments.transfer.run import export, pretrain
+from jaxsft.data import characters as fonts
 from jaxsft.select import RANDOM
 
 

@@ -51,7 +51,7 @@ def export(run: Path, out: Path, checkpoint: int | str = "best") -> Path:
 def source_weights(model: str, workdir: Path, *, steps: int, train_per_face: int) -> Path:
     """Pretrains `model` on the character folders through `fit`, exports the best checkpoint
     with `python -m jaxsft.export`; reuses a file already exported."""
-    from experiments.transfer.fonts import write_character_folders
+    from jaxsft.data.characters import write_character_folders
 
     out = workdir / f"source_{model}.safetensors"
     if out.exists():

@@ -141,23 +141,28 @@ def initial_state(cfg: Config, plan: Plan, pretrained: bool = True) -> TrainStat
                              ema=cfg.run.ema_decay is not None)
 
 
-def restore_or_init(cfg: Config, plan: Plan, manager) -> tuple[TrainState, str]:
-    """The start state by priority: workdir checkpoint > --resume > --weights > random."""
+def restore_or_init(cfg: Config, plan: Plan,
+                    manager) -> tuple[TrainState, str, dict[str, Any]]:
+    """The start state by priority: workdir checkpoint > --resume > --weights > random.
+
+    Returns (state, where it came from, the metadata of the workdir checkpoint it resumes:
+    {} for any other start, so a --resume run starts its own early-stopping count).
+    """
     resuming = bool(manager.all_steps() or cfg.run.resume)  # then --weights is not read
     state = initial_state(cfg, plan, pretrained=not resuming)
     if manager.all_steps():
         # A damaged newest step is passed over (with a warning) for the newest intact one.
-        state, _ = checkpoint.restore(manager, state, "latest", fallback=True)
+        state, meta = checkpoint.restore(manager, state, "latest", fallback=True)
         if jax.process_index() == 0:  # steps after it would block the saves to come
             checkpoint.set_aside_after(manager, int(state.step))
-        return state, f"resumed from {manager.directory} at step {int(state.step)}"
+        return state, f"resumed from {manager.directory} at step {int(state.step)}", meta
     if cfg.run.resume:
         directory, step = _checkpoint_location(cfg.run.resume)
         with checkpoint.create_manager(directory, read_only=True, asynchronous=False) as other:
             state, _ = checkpoint.restore(other, state, step)
-        return state, f"started from {cfg.run.resume} at step {int(state.step)}"
+        return state, f"started from {cfg.run.resume} at step {int(state.step)}", {}
     source = cfg.model.weights or "random initialisation"
-    return state, f"started from {source}"
+    return state, f"started from {source}", {}
 
 
 def _checkpoint_location(path: str) -> tuple[Path, str | int]:
@@ -196,7 +201,7 @@ def fit(cfg: Config) -> TrainState:
         manager = checkpoint.create_manager(directory, keep=cfg.run.keep,
                                             asynchronous=cfg.run.async_checkpoints)
         try:
-            state, origin = restore_or_init(cfg, plan, manager)
+            state, origin, resumed_meta = restore_or_init(cfg, plan, manager)
             if is_main:
                 workdir_lib.save_config(cfg, workdir)
             say(f"{cfg.model.model} on {plan.info.name}: {plan.num_classes} classes, "
@@ -206,7 +211,8 @@ def fit(cfg: Config) -> TrainState:
             writer = (_writers(workdir, resumed_at=int(state.step)) if is_main
                       else metrics.MultiWriter([]))
             try:
-                state, skipped = _train_loop(cfg, plan, state, manager, writer, say)
+                state, skipped = _train_loop(cfg, plan, state, resumed_meta, manager, writer,
+                                             say)
             except BaseException:
                 writer.close()
                 _wait_after_failure(manager)
@@ -251,13 +257,14 @@ def _wait_after_failure(manager) -> None:
         checkpoint.wait(manager)
 
 
-def _train_loop(cfg: Config, plan: Plan, state: TrainState, manager, writer,
-                say) -> tuple[TrainState, int]:
-    """Steps from state.step to plan.total_steps; returns (state, unreadable images skipped)."""
+def _train_loop(cfg: Config, plan: Plan, state: TrainState, resumed_meta: dict[str, Any],
+                manager, writer, say) -> tuple[TrainState, int]:
+    """Steps from state.step to plan.total_steps; returns (state, unreadable images skipped).
+    `resumed_meta` is the metadata of the checkpoint `state` was resumed from ({} if none)."""
     train_step = _train_steps(cfg, plan)
     eval_step = steps.pmap_eval_step()
     start = int(state.step)
-    stopper = EarlyStop.resumed(cfg.run.early_stop, _resumed_meta(manager, start))
+    stopper = EarlyStop.resumed(cfg.run.early_stop, resumed_meta)
     if start >= plan.total_steps or stopper.stopped:
         say(f"already trained for {start} steps (of {plan.total_steps}"
             f"{', stopped early' if stopper.stopped else ''}); nothing to do")
@@ -349,13 +356,6 @@ class EarlyStop:
 
     def record(self) -> dict[str, float | int | None]:
         return {"best": self.best, "stale": self.stale}
-
-
-def _resumed_meta(manager, start: int) -> dict[str, Any]:
-    """The metadata of the workdir's checkpoint at `start` ({} for a fresh start)."""
-    if start == 0 or start not in manager.all_steps():
-        return {}
-    return checkpoint.read_meta(manager.directory, start)
 
 
 class Due(NamedTuple):

@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import assert_same_batches, check_topology_invariance, global_batches
 from PIL import Image
 
 from jaxsft import data
@@ -428,40 +429,6 @@ def test_index_sampler_global_batches_and_local_slices():
             assert {epoch for epoch, _ in parts} == {step // 3}
             np.testing.assert_array_equal(np.concatenate([i for _, i in parts]),
                                           sampler.global_batch_indices(step))
-
-
-def global_batches(cfg: DataConfig, processes: int, devices: int, steps: int, start: int = 0,
-                   seed: int = 7) -> list[dict]:
-    """Global batches start.. as `processes` processes of `devices` devices read them,
-    concatenated in process then device order."""
-    its = [data._train_batches(cfg, seed=seed, start_step=start, num_devices=devices,
-                               process_index=p, process_count=processes)
-           for p in range(processes)]
-    out = []
-    for _ in range(steps):
-        parts = [next(it) for it in its]
-        out.append({k: np.concatenate([b[k].reshape(-1, *b[k].shape[2:]) for b in parts])
-                    for k in parts[0]})
-    return out
-
-
-def assert_same_batches(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        for key in ("image", "label", "mask"):
-            np.testing.assert_array_equal(g[key], w[key])
-
-
-def check_topology_invariance(cfg: DataConfig, steps: int) -> list[dict]:
-    """1x4 == 2x2 == 1x1 == 4x1 bit for bit over `steps`; resuming at any step, on another
-    number of processes, continues the same stream."""
-    one = global_batches(cfg, 1, 4, steps)
-    for processes, devices in ((2, 2), (1, 1), (4, 1)):
-        assert_same_batches(global_batches(cfg, processes, devices, steps), one)
-    for start, processes in ((1, 2), (steps // 2, 4), (steps - 1, 1)):
-        assert_same_batches(global_batches(cfg, processes, 4 // processes, steps - start,
-                                           start=start), one[start:])
-    return one
 
 
 @pytest.mark.parametrize("augment,cache", [("imagenet", False), ("light", True)])

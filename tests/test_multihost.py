@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import image_folder, noise
 
 from jaxsft import checkpoint
 from jaxsft.trainer import CHECKPOINT_DIR
@@ -28,15 +28,8 @@ GLOO_NOTICE = re.compile(r"\[Gloo\] Rank \d+ is connected to |"
 def folder(tmp_path_factory) -> Path:
     """Noise images: well-conditioned BatchNorm statistics. (Near-constant images on tiny
     maps amplify rounding differences: 1e-16 became 4e-7 in 6 steps, 2 vs 4 devices.)"""
-    root = tmp_path_factory.mktemp("noise")
-    rng = np.random.default_rng(1)
-    for split, n in (("train", 16), ("test", 7)):
-        for c in range(2):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
-    return root
+    return image_folder(tmp_path_factory.mktemp("noise"), {"train": 16, "test": 7}, ("c0", "c1"),
+                        noise, seed=1)
 
 
 def free_port() -> int:

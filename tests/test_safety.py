@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SHAPES, shapes_folder
 from PIL import Image
-from test_train_e2e import CLASSES, _draw, cli, flags, small_config
+from test_train_e2e import cli, flags, small_config
 
 from jaxsft import checkpoint, metrics, predict, workdir
 from jaxsft.config import Config, ConfigError
@@ -27,15 +28,8 @@ TRAIN = "python -m jaxsft.train: error: "
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """The shapes of test_train_e2e: root/{train,test}/<class>/*.png, 12 and 5 per class."""
-    root = tmp_path_factory.mktemp("shapes")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("test", 5)):
-        for c in CLASSES:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(_draw(c, rng)).save(root / split / c / f"{i}.png")
-    return root
+    """The shapes of test_train_e2e: 12 train and 5 test images per class."""
+    return shapes_folder(tmp_path_factory.mktemp("shapes"))
 
 
 def last_line(out: subprocess.CompletedProcess) -> str:
@@ -381,7 +375,7 @@ def test_evaluate_defaults_to_the_best_checkpoint_and_predict_answers(trained, f
     lines = out.stdout.strip().splitlines()[-3:]
     assert lines[0] == str(image)
     shown = [line.split() for line in lines[1:]]
-    assert [name for _, name in shown][0] in CLASSES and len(shown) == 2
+    assert [name for _, name in shown][0] in SHAPES and len(shown) == 2
     assert float(shown[0][0].rstrip("%")) >= float(shown[1][0].rstrip("%"))
 
 

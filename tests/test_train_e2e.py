@@ -11,40 +11,19 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import run_module_with_file_size_limit
-from PIL import Image
+from helpers import SHAPES, image_folder, run_module_with_file_size_limit, shapes_folder
 
 from jaxsft import checkpoint, predict, trainer
 from jaxsft.config import Config, ConfigError
 from jaxsft.trainer import CHECKPOINT_DIR, evaluate, fit
 
-CLASSES = ("circle", "square", "stripes")
 SIZE = 16
-
-
-def _draw(kind: str, rng: np.random.Generator) -> np.ndarray:
-    img = rng.integers(0, 60, (24, 24, 3)).astype(np.uint8)
-    yy, xx = np.mgrid[:24, :24]
-    if kind == "circle":
-        img[(yy - 12) ** 2 + (xx - 12) ** 2 < 60] = 230
-    elif kind == "square":
-        img[6:18, 6:18] = 230
-    else:
-        img[::4] = 230
-    return img
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """root/{train,test}/<class>/*.png: 12 train and 5 test images per class."""
-    root = tmp_path_factory.mktemp("shapes")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("test", 5)):
-        for c in CLASSES:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(_draw(c, rng)).save(root / split / c / f"{i}.png")
-    return root
+    """root/{train,test}/<shape>/*.png: 12 train and 5 test images per class."""
+    return shapes_folder(tmp_path_factory.mktemp("shapes"))
 
 
 def small_config(folder: Path, workdir: Path, **overrides) -> Config:
@@ -94,7 +73,7 @@ def test_fit_evaluate_predict_on_an_image_folder(folder, tmp_path):
 
     image = str(folder / "test" / "square" / "0.png")
     top = predict.predict(str(wd), [image], "latest", top_k=2)[0]
-    assert len(top) == 2 and {name for name, _ in top} <= set(CLASSES)
+    assert len(top) == 2 and {name for name, _ in top} <= set(SHAPES)
     assert top[0][1] >= top[1][1] and 0 < top[0][1] <= 1
 
 
@@ -253,19 +232,19 @@ def test_resume_does_not_need_the_weights_file_any_more(folder, tmp_path):
     assert int(fit(cfg).step) == 2
 
 
+COLOURS = ("red", "green", "blue")  # the channel each class brightens
+
+
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory) -> Path:
     """An easy task: which of red, green, blue dominates a noisy image (16 + 8 per class)."""
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(1)
-    for split, n in (("train", 16), ("test", 8)):
-        for channel, name in enumerate(("blue", "green", "red")[::-1]):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 90, (16, 16, 3)).astype(np.uint8)
-                img[..., channel] += 120
-                Image.fromarray(img).save(root / split / name / f"{i}.png")
-    return root
+    def draw(name: str, rng: np.random.Generator) -> np.ndarray:
+        img = rng.integers(0, 90, (16, 16, 3)).astype(np.uint8)
+        img[..., COLOURS.index(name)] += 120
+        return img
+
+    return image_folder(tmp_path_factory.mktemp("colours"), {"train": 16, "test": 8}, COLOURS,
+                        draw, seed=1)
 
 
 def test_a_run_learns_an_easy_task(colours, tmp_path):

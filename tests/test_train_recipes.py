@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from helpers import image_folder, noise
 
 from jaxsft import checkpoint, trainer
 from jaxsft.config import Config, ConfigError
@@ -23,15 +23,7 @@ CLASSES = ("a", "b", "c")
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """root/{train,test}/<class>/*.png of noise images: 8 train and 3 test per class."""
-    root = tmp_path_factory.mktemp("noise")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 3)):
-        for c in CLASSES:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(image).save(root / split / c / f"{i}.png")
-    return root
+    return image_folder(tmp_path_factory.mktemp("noise"), {"train": 8, "test": 3}, CLASSES, noise)
 
 
 @pytest.fixture(scope="module")

@@ -140,3 +140,17 @@ def check_topology_invariance(cfg: DataConfig, steps: int) -> list[dict]:
         assert_same_batches(global_batches(cfg, processes, 4 // processes, steps - start,
                                            start=start), one[start:])
     return one
+
+
+def run_quick_experiment(module: str, tmp_path: Path) -> Path:
+    """`python -m <module> --quick` from the repository root, as a user runs it (one CPU
+    device: conftest's forced 4 dropped), runs in tmp_path/runs; returns tmp_path/res."""
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("XLA_FLAGS", None)
+    subprocess.run([sys.executable, "-m", module, "--quick", "--workdir", str(tmp_path / "runs"),
+                    "--results", str(tmp_path / "res")], cwd=root, env=env, check=True,
+                   timeout=900)
+    return tmp_path / "res"

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import helpers
 import pytest
 import torch
 import torchvision
@@ -63,17 +64,8 @@ def test_auto_needs_weights_and_imprint_needs_weights():
 
 
 def test_the_command_line_fine_tunes_with_auto_when_weights_are_given(tmp_path):
-    root = tmp_path / "data"
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 4)):
-        for c in "ab":
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
-                    root / split / c / f"{i}.png")
+    root = helpers.image_folder(tmp_path / "data", {"train": 8, "test": 4}, "ab",
+                                helpers.noise)
     torch.manual_seed(0)
     weights = tmp_path / "w.pth"
     torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), weights)

@@ -2,11 +2,9 @@
 --quick variant end to end (a few minutes: it pretrains, exports, fine-tunes through fit)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 from PIL import Image
@@ -52,16 +50,12 @@ def test_digits_target_keeps_one_test_set_for_every_budget_and_seed(tmp_path):
 
 @pytest.mark.slow
 def test_quick_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it (conftest forces 4)
-    subprocess.run([sys.executable, "-m", "experiments.transfer.run", "--quick",
-                    "--workdir", str(tmp_path / "runs"), "--results", str(tmp_path / "res")],
-                   cwd=ROOT, env=env, check=True, timeout=900)
+    helpers.run_quick_experiment("experiments.transfer.run", tmp_path)
     record = json.loads((tmp_path / "res" / "digits_resnet18_quick.json").read_text())
     assert {(r["arm"], r["budget"]) for r in record["runs"]} == {
-        (a, b) for a in ("scratch", "seed", "bit") for b in (1, 5)}
+        (a, b) for a in ("scratch", "seed", "auto") for b in (1, 5)}
     assert all(0.0 <= r["top1"] <= 1.0 and r["test_count"] == 500 for r in record["runs"])
     table = (tmp_path / "res" / "digits_resnet18_quick.md").read_text()
-    assert "| bit |" in table and "**" in table
+    assert "| auto |" in table and "**" in table
     assert (tmp_path / "res" / "digits_resnet18_quick.png").stat().st_size > 0
     assert (tmp_path / "runs" / "quick" / "source_resnet18.safetensors").exists()

@@ -1,9 +1,9 @@
 """Imprinted heads (jaxsft.imprint): the class-mean rule, and the head a run starts from."""
 
+import helpers
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
 
 from jaxsft import checkpoint, select
 from jaxsft.config import Config, DataConfig
@@ -69,15 +69,12 @@ def test_a_head_function_gets_the_loaded_backbone_and_its_result_is_the_head(tmp
 def test_a_run_starts_from_the_class_means_of_the_loaded_features(tmp_path):
     """fit's initial head = class_mean_head of the features jaxsft.select extracts with the
     loaded weights (eval preprocessing, running statistics as loaded)."""
-    root = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 4)):
-        for c in "abc":
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                tint = rng.integers(0, 256, 3)  # classes differ in colour, examples in noise
-                image = np.clip(tint + rng.normal(0, 40, (16, 16, 3)), 0, 255)
-                Image.fromarray(image.astype(np.uint8)).save(root / split / c / f"{i}.png")
+    tints = {c: np.random.default_rng(k).integers(0, 256, 3) for k, c in enumerate("abc")}
+
+    def tinted(c, rng):  # classes differ in colour, examples in noise
+        return np.clip(tints[c] + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+
+    root = helpers.image_folder(tmp_path / "data", {"train": 8, "test": 4}, "abc", tinted)
     torch.manual_seed(0)
     path = tmp_path / "w.pth"
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), path)

@@ -3,11 +3,9 @@ variant end to end (minutes: it pretrains, exports, scores with jaxsft.select, f
 through fit). Structure only: the quick numbers measure nothing."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 
@@ -61,11 +59,7 @@ def test_weighted_tau_ranks_missing_values_last():
 
 @pytest.mark.slow
 def test_quick_selection_study_runs_end_to_end_and_writes_its_tables(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it (conftest forces 4)
-    subprocess.run([sys.executable, "-m", "experiments.selection.run", "--quick",
-                    "--workdir", str(tmp_path / "runs"), "--results", str(tmp_path / "res")],
-                   cwd=ROOT, env=env, check=True, timeout=900)
+    helpers.run_quick_experiment("experiments.selection.run", tmp_path)
     record = json.loads((tmp_path / "res" / "digits_quick.json").read_text())
     names = [c["name"] for c in record["zoo"]]
     assert names == ["resnet18-random", "resnet18-chars-3", "resnet18-chars-6"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import runpy
 from collections.abc import Sequence
 from pathlib import Path
@@ -181,6 +182,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_run(self)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The run's length in steps: --steps, else --epochs (default 1) of the data set."""
+        return self.steps or math.ceil((self.epochs or 1.0) * steps_per_epoch)
 
 
 @dataclasses.dataclass(frozen=True)

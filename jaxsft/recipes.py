@@ -25,6 +25,7 @@ from typing import Any
 
 from jaxsft.config import Config, to_flat
 from jaxsft.data import DatasetInfo
+from jaxsft.data import steps_per_epoch as steps_per_epoch_of
 
 PRESETS = ("auto", "seed")
 MIN_STEPS, MIN_EPOCHS, WARMUP_SHARE = 80, 2, 0.1
@@ -63,15 +64,20 @@ def auto_steps(train_examples: int, batch_size: int) -> int:
     return max(MIN_STEPS, math.ceil(MIN_EPOCHS * max(train_examples // batch_size, 1)))
 
 
+def warmup_epochs(steps: int, steps_per_epoch: int) -> float:
+    """auto's warm-up, WARMUP_SHARE of a `steps`-step run, in the epochs --warmup-epochs takes."""
+    return round(WARMUP_SHARE * steps) / steps_per_epoch
+
+
 def _length(cfg: Config, info: DatasetInfo, keep: set[str]) -> dict[str, Any]:
     """auto's steps (unless --steps or --epochs is given) and its warm-up, in epochs."""
-    steps_per_epoch = max(info.train_examples // cfg.data.batch_size, 1)
+    steps_per_epoch = steps_per_epoch_of(info, cfg.data)
     out: dict[str, Any] = {}
     if not {"steps", "epochs"} & keep:
         out["steps"] = auto_steps(info.train_examples, cfg.data.batch_size)
-    steps = out.get("steps") or cfg.run.steps or math.ceil((cfg.run.epochs or 1) * steps_per_epoch)
     if "warmup_epochs" not in keep:
-        out["warmup_epochs"] = round(WARMUP_SHARE * steps) / steps_per_epoch
+        steps = out.get("steps") or cfg.run.total_steps(steps_per_epoch)
+        out["warmup_epochs"] = warmup_epochs(steps, steps_per_epoch)
     return out
 
 

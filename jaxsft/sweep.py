@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -35,11 +36,14 @@ import re
 import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, get_args, get_origin, get_type_hints
 
 from jaxsft import cli, config, train
 from jaxsft import workdir as workdir_lib
-from jaxsft.config import Config, ConfigError
+from jaxsft.config import Config, ConfigError, DataConfig
+
+if TYPE_CHECKING:
+    from jaxsft.data import DatasetInfo
 
 PROG = "python -m jaxsft.sweep"
 SWEEP_FILE = "sweep.json"
@@ -55,6 +59,7 @@ PROTOCOL = ("Kornblith et al. 2019: each trial is ranked by its final top-1 on a
             "split held out of the training split; the eval split is not used to choose")
 
 Grid = dict[str, tuple[Any, ...]]
+InfoOf = Callable[[DataConfig], "DatasetInfo"]  # a data set's DatasetInfo, read once per sweep
 
 
 # ---------------------------------------------------------------------------- the grid
@@ -195,18 +200,22 @@ def trial_name(settings: dict[str, Any]) -> str:
 
 
 def trial_config(base: Config, settings: dict[str, Any], workdir: Path,
-                 splits: tuple[str, str], given: Collection[str] = ()) -> Config:
+                 splits: tuple[str, str], given: Collection[str] = (),
+                 info_of: InfoOf | None = None) -> Config:
     """A trial's config: trained on the rest of the training split, evaluated on the
     held-out part, in its own workdir; --recipe auto/seed resolved with the grid's
     settings and the flags `given` kept as set."""
     return _resolved(base.replace(**settings, workdir=str(workdir), train_split=splits[0],
-                                  eval_split=splits[1], overwrite=False), given, settings)
+                                  eval_split=splits[1], overwrite=False), given, settings,
+                     info_of)
 
 
-def _resolved(cfg: Config, given: Collection[str], settings: dict[str, Any]) -> Config:
+def _resolved(cfg: Config, given: Collection[str], settings: dict[str, Any],
+              info_of: InfoOf | None = None) -> Config:
     from jaxsft import data, recipes
 
-    return recipes.resolve(cfg, data.dataset_info(cfg.data), {*given, *settings})[0]
+    info = (info_of or data.dataset_info)(cfg.data)
+    return recipes.resolve(cfg, info, {*given, *settings})[0]
 
 
 def _check_trials(base: Config, grid: Grid) -> None:
@@ -218,7 +227,7 @@ def _check_trials(base: Config, grid: Grid) -> None:
             raise ConfigError(f"--grid trial {trial_name(settings)}: {e}") from None
 
 
-def _check_plans(configs: Sequence[Config]) -> None:
+def _check_plans(configs: Sequence[Config], info_of: InfoOf) -> None:
     """What only the data and devices can tell (batch sizes, models, lengths), for every
     trial before the first trains."""
     from jaxsft import trainer
@@ -226,7 +235,7 @@ def _check_plans(configs: Sequence[Config]) -> None:
 
     for cfg in configs:
         try:
-            trainer.make_plan(cfg)
+            trainer.make_plan(cfg, info_of(cfg.data))
         except (ConfigError, DataError) as e:
             raise type(e)(f"trial {Path(cfg.run.workdir).name}: {e}") from None
 
@@ -447,7 +456,7 @@ def _summary(r: dict[str, Any]) -> str:
 
 def _retrain(root: Path, base: Config, record: dict[str, Any], settings: dict[str, dict],
              write: Callable[[], None], say: Callable[[str], None],
-             given: Collection[str] = ()) -> None:
+             given: Collection[str], info_of: InfoOf) -> None:
     """Trains the best settings on the whole training split in <workdir>/best and records
     its score on the eval split (once: a recorded retrain is not run again)."""
     best = record["best"]
@@ -458,12 +467,10 @@ def _retrain(root: Path, base: Config, record: dict[str, Any], settings: dict[st
         say(f"retrain of {best}: recorded; skipped")
         return
     cfg = _resolved(base.replace(**settings[best], workdir=str(root / BEST_DIR),
-                                 overwrite=False), given, settings[best])
+                                 overwrite=False), given, settings[best], info_of)
     say(f"retraining {best} on {base.data.train_split} in {root / BEST_DIR}")
     result = _prefixed(run_trial(cfg), "eval_")
-    from jaxsft import data
-
-    split = data.dataset_info(cfg.data).eval_split
+    split = info_of(cfg.data).eval_split
     record["retrain"] = {"name": best, "settings": _jsonable(settings[best]),
                          "workdir": BEST_DIR, "train_split": base.data.train_split,
                          "eval_split": split, **result}
@@ -486,10 +493,11 @@ def sweep(base: Config, grid: Grid, *, holdout: float = DEFAULT_HOLDOUT,
     splits = data.holdout_splits(base.data, holdout)
     root = Path(base.run.workdir)
     settings = {trial_name(s): s for s in trials(grid)}
-    configs = {name: trial_config(base, s, root / TRIALS_DIR / name, splits, given)
+    info_of = functools.cache(data.dataset_info)  # trials share their data: read it once
+    configs = {name: trial_config(base, s, root / TRIALS_DIR / name, splits, given, info_of)
                for name, s in settings.items()}
-    _check_plans(list(configs.values()))
-    info = data.dataset_info(next(iter(configs.values())).data)
+    _check_plans(list(configs.values()), info_of)
+    info = info_of(next(iter(configs.values())).data)
     is_main = jax.process_index() == 0
     say = say if is_main else (lambda _: None)
     with workdir_lib.lock(root) if is_main else contextlib.nullcontext():
@@ -506,7 +514,7 @@ def sweep(base: Config, grid: Grid, *, holdout: float = DEFAULT_HOLDOUT,
         write()
         _run_trials(root, record, configs, write, say)
         if retrain:
-            _retrain(root, base, record, settings, write, say, given)
+            _retrain(root, base, record, settings, write, say, given, info_of)
     return record
 
 

@@ -55,15 +55,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     distributed.initialize(launch["coordinator_address"], launch["num_processes"],
                            launch["process_id"], timeout_s=launch["distributed_timeout"])
     cli.use_dtype(cfg.model.dtype)
-    import jax
-
-    from jaxsft import data, recipes
     from jaxsft.trainer import fit
 
-    cfg, chosen = recipes.resolve(cfg, data.dataset_info(cfg.data), given)
-    if chosen and jax.process_index() == 0:
-        print(chosen, flush=True)
-    fit(cfg)
+    fit(cfg, given=given)
 
 
 if __name__ == "__main__":

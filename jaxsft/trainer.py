@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -69,12 +69,13 @@ class Plan:
     schedule: optax.Schedule
 
 
-def make_plan(cfg: Config) -> Plan:
-    """Resolves data-dependent settings; refuses impossible ones before anything compiles."""
+def make_plan(cfg: Config, info: data.DatasetInfo | None = None) -> Plan:
+    """Resolves data-dependent settings; refuses impossible ones before anything compiles.
+    `info`: the data set's, when the caller has read it already."""
     _check_compute(cfg)
-    info = data.dataset_info(cfg.data)
+    info = info or data.dataset_info(cfg.data)
     spe = data.steps_per_epoch(info, cfg.data)
-    total = cfg.run.steps or math.ceil((cfg.run.epochs or 1.0) * spe)
+    total = cfg.run.total_steps(spe)
     tx, schedule = optim.create_optimizer(cfg.optim, total_steps=total, steps_per_epoch=spe,
                                           batch_size=cfg.data.batch_size)
     # A linear probe trains only the head: the backbone's BatchNorm statistics stay as loaded.
@@ -177,8 +178,11 @@ def _checkpoint_location(path: str) -> tuple[Path, str | int]:
     raise ConfigError(f"--resume {path}: no such checkpoint or workdir")
 
 
-def fit(cfg: Config) -> TrainState:
+def fit(cfg: Config, *, given: Collection[str] = ()) -> TrainState:
     """Trains per `cfg`, writing config, checkpoints, metrics and plot into the workdir.
+
+    `--recipe auto`/`seed` are resolved first (`jaxsft.recipes.resolve`); `given` names the
+    fields the user set at their default values, which they keep (the command line's flags).
 
     The workdir is locked first (process 0), before anything there is written or deleted;
     config.json is written only once the start (weights, data, restore) has succeeded.
@@ -186,10 +190,11 @@ def fit(cfg: Config) -> TrainState:
     started = time.perf_counter()
     is_main = jax.process_index() == 0
     say = _printer(is_main)
-    cfg, chosen = recipes.resolve(cfg, data.dataset_info(cfg.data))
+    info = data.dataset_info(cfg.data)  # read once: a folder is scanned, a builder opened
+    cfg, chosen = recipes.resolve(cfg, info, given)
     if chosen:
         say(chosen)
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, info)
     _check_classes(plan)
     with (workdir_lib.lock(cfg.run.workdir) if is_main else contextlib.nullcontext()):
         directory = Path(cfg.run.workdir) / CHECKPOINT_DIR

@@ -64,7 +64,8 @@ def resolve(arm: dict, *, train_examples: int, steps: int) -> dict:
     """An arm's Config fields for one run: warm-up given as a share of the run -> epochs."""
     fields = dict(arm)
     fields.pop("length", None)
-    if fields.pop("warmup", None) == "10%":
-        steps_per_epoch = train_examples // BATCH
-        fields["warmup_epochs"] = round(0.1 * steps) / steps_per_epoch
+    if fields.pop("warmup", None) == "10%":  # the share --recipe auto warms up for
+        from jaxsft.recipes import warmup_epochs
+
+        fields["warmup_epochs"] = warmup_epochs(steps, train_examples // BATCH)
     return fields

@@ -1,5 +1,6 @@
 """Test-wide set-up: 4 virtual CPU devices (before JAX starts), x64 on demand, no network, and
-the compilation cache in the session's own temporary directory."""
+the compilation cache, for this process and its children, in the session's own temporary
+directory."""
 
 import os
 import tempfile
@@ -23,6 +24,16 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    # jaxsft.cpu.configure()'s filter of JAX's warning that an executable calling oneDNN
+    # cannot be stored in the compilation cache (see own_tempdir), again for pytest: it
+    # imports this file inside warnings.catch_warnings, which drops the filter on leaving.
+    # (No ':' in the message: pytest splits the filter there.)
+    config.addinivalue_line(
+        "filterwarnings", "ignore:Error writing persistent compilation cache entry for "
+        "'[^']*'. MemoryError. std..bad_alloc:UserWarning")
+
+
 @pytest.fixture
 def x64():
     """Float64 semantics for one test: where two correct implementations agree to ~1e-15."""
@@ -44,6 +55,13 @@ def own_tempdir(tmp_path_factory):
         # processes: never the user's ~/.cache/jaxsft. Shared within the session, so a child
         # process loads what an earlier one compiled.
         patch.setenv("JAXSFT_CACHE", os.path.join(path, "jaxsft-cache"))
+        # This process uses that cache too (as every CLI does): the tests' fits of one model
+        # share one compiled random init (a resnet18's took ~80 s to compile on a loaded
+        # 2-core machine, 2 s to load). XLA:CPU's oneDNN steps cannot be stored: compiled
+        # each time, as in the CLIs.
+        from jaxsft.compilation_cache import default_cache_dir, enable_compilation_cache
+
+        enable_compilation_cache(default_cache_dir())
         yield
 
 

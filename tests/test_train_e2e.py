@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 from helpers import SHAPES, image_folder, run_module_with_file_size_limit, shapes_folder
 
-from jaxsft import checkpoint, predict, trainer
+import jaxsft
+from jaxsft import checkpoint, metrics, predict, trainer
 from jaxsft.config import Config, ConfigError
+from jaxsft.state import TrainState
 from jaxsft.trainer import CHECKPOINT_DIR, evaluate, fit
 
 SIZE = 16
@@ -50,11 +53,18 @@ def final_variables(workdir: Path):
     return variables
 
 
-def test_fit_evaluate_predict_on_an_image_folder(folder, tmp_path):
-    cfg = small_config(folder, tmp_path / "run", eval_every=4)
-    state = fit(cfg)
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory) -> tuple[Config, TrainState]:
+    """One fit of 8 steps, evaluating and saving at steps 4 and 8, for the tests that only
+    read its workdir (or a copy of it)."""
+    cfg = small_config(folder, tmp_path_factory.mktemp("trained") / "run", eval_every=4)
+    return cfg, fit(cfg)
+
+
+def test_fit_evaluate_predict_on_an_image_folder(trained, folder):
+    cfg, state = trained
     assert int(state.step) == 8
-    wd = tmp_path / "run"
+    wd = Path(cfg.run.workdir)
     for name in ("config.json", "metrics.jsonl", "curves.png", "summary.json"):
         assert (wd / name).is_file(), name
     assert any((wd / "tensorboard").iterdir())
@@ -168,20 +178,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pa
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
-def test_a_finished_run_continues_for_longer_bit_exactly(folder, tmp_path):
-    fit(small_config(folder, tmp_path / "run", steps=3))
-    continued = fit(small_config(folder, tmp_path / "run", steps=6))
-    fit(small_config(folder, tmp_path / "whole", steps=6))
-    assert int(continued.step) == 6
+def test_a_finished_run_continues_for_longer_bit_exactly(trained, tmp_path):
+    whole, _ = trained  # 8 steps in one run; this one stops at 3 (mid-epoch), then goes on
+    fit(whole.replace(workdir=str(tmp_path / "run"), steps=3))
+    continued = fit(whole.replace(workdir=str(tmp_path / "run")))
+    assert int(continued.step) == 8
     for x, y in zip(jax.tree.leaves(final_variables(tmp_path / "run")),
-                    jax.tree.leaves(final_variables(tmp_path / "whole"))):
+                    jax.tree.leaves(final_variables(Path(whole.run.workdir)))):
         np.testing.assert_array_equal(x, y)
 
 
-def test_workdir_of_another_config_is_refused(folder, tmp_path):
-    fit(small_config(folder, tmp_path / "run", steps=1))
-    with pytest.raises(ConfigError, match="belongs to a different config"):
-        fit(small_config(folder, tmp_path / "run", steps=1, lr=0.5))
+def test_workdir_of_another_config_is_refused(trained, tmp_path):
+    cfg, _ = trained
+    shutil.copytree(cfg.run.workdir, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"belongs to a different config \(lr 0.05 -> 0.5\)"):
+        fit(cfg.replace(workdir=str(tmp_path / "run"), lr=0.5))
 
 
 @pytest.mark.parametrize("bad_flags, message", [
@@ -218,14 +229,19 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_trains_on(folder, tmp_pat
     assert sorted(p.name for p in (tmp_path / "run" / CHECKPOINT_DIR).iterdir()) == ["2"]
 
 
-def test_resume_does_not_need_the_weights_file_any_more(folder, tmp_path):
-    import jaxsft
-    from jaxsft.models import create_model
+@pytest.fixture(scope="module")
+def pretrained(trained, tmp_path_factory) -> Path:
+    """A user's pretrained file: the trained run's resnet18 (3 classes) as .safetensors."""
+    cfg, _ = trained
+    variables, _ = checkpoint.restore_variables(Path(cfg.run.workdir) / CHECKPOINT_DIR, "latest")
+    path = tmp_path_factory.mktemp("pretrained") / "pretrained.safetensors"
+    jaxsft.save_torch_state_dict(variables, path)
+    return path
 
-    model = create_model("resnet18", num_classes=3)
-    variables = jax.jit(model.init)(jax.random.key(1), np.zeros((1, SIZE, SIZE, 3), np.float32))
+
+def test_resume_does_not_need_the_weights_file_any_more(folder, pretrained, tmp_path):
     weights = tmp_path / "pretrained.safetensors"
-    jaxsft.save_torch_state_dict(variables, weights)
+    shutil.copy(pretrained, weights)
     cfg = small_config(folder, tmp_path / "run", steps=2, weights=str(weights))
     fit(cfg)
     weights.unlink()  # the workdir's checkpoint outranks --weights: nothing reads the file now
@@ -251,11 +267,13 @@ def test_a_run_learns_an_easy_task(colours, tmp_path):
     cfg = small_config(colours, tmp_path / "run", steps=30, lr=0.05, log_every=10,
                        eval_every=30)
     fit(cfg)
-    result = evaluate(cfg, "latest")
-    assert result["count"] == 24 and result["top1"] >= 0.75, result  # chance is 1/3
+    # The run's own evaluation of step 30 (what evaluate() of it gives: see the first test).
+    result = [r for r in metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+              if r["split"] == "eval"][-1]
+    assert result["step"] == 30 and result["count"] == 24 and result["top1"] >= 0.75, result
 
 
-def test_the_trainer_wires_every_step_option(folder, tmp_path, monkeypatch):
+def test_the_trainer_wires_every_step_option(folder, pretrained, tmp_path, monkeypatch):
     seen = {}
 
     class Wired(Exception):
@@ -274,21 +292,14 @@ def test_the_trainer_wires_every_step_option(folder, tmp_path, monkeypatch):
         return state
 
     monkeypatch.setattr(trainer, "initial_state", spy)
-    import jaxsft
-    from jaxsft.models import create_model
-
-    model = create_model("resnet18", num_classes=3)
-    weights = tmp_path / "pretrained.safetensors"
-    jaxsft.save_torch_state_dict(jax.jit(model.init)(jax.random.key(1), np.zeros(
-        (1, SIZE, SIZE, 3), np.float32)), weights)
     cfg = small_config(folder, tmp_path / "a", bn="frozen", accum_steps=2, label_smoothing=0.1,
-                       dtype="bfloat16", weights=str(weights))
+                       dtype="bfloat16", weights=str(pretrained))
     with pytest.raises(Wired):
         fit(cfg)
     assert seen["bn_mode"] == "frozen" and seen["accum_steps"] == 2
     assert seen["label_smoothing"] == 0.1 and seen["dtype"] == jax.numpy.bfloat16
     with pytest.raises(Wired):
-        fit(small_config(folder, tmp_path / "b", recipe="linear-probe", weights=str(weights)))
+        fit(small_config(folder, tmp_path / "b", recipe="linear-probe", weights=str(pretrained)))
     assert seen["bn_mode"] == "frozen"  # a linear probe keeps the backbone's statistics
 
 

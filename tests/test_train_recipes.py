@@ -15,6 +15,7 @@ from helpers import image_folder, noise
 
 from jaxsft import checkpoint, trainer
 from jaxsft.config import Config, ConfigError
+from jaxsft.state import TrainState
 from jaxsft.trainer import CHECKPOINT_DIR, fit
 
 CLASSES = ("a", "b", "c")
@@ -68,18 +69,27 @@ def assert_same(a, b) -> None:
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.fixture(scope="module")
+def lp_ft(folder, weights, tmp_path_factory) -> tuple[Config, TrainState]:
+    """LP-FT (3 probe steps of 6) with EMA, L2-SP and Mixup/CutMix, uninterrupted; evaluated
+    and saved at each epoch's end (3 steps), for the tests that only read it."""
+    cfg = config(folder, tmp_path_factory.mktemp("lp_ft") / "whole", weights=str(weights),
+                 recipe="lp-ft", probe_steps=3, ema_decay=0.5, l2sp=0.01, l2sp_head=1e-3,
+                 mixup=0.2, cutmix=1.0, checkpoint_every=1000)
+    return cfg, fit(cfg)
+
+
 def test_lp_ft_with_ema_l2sp_and_mixing_resumes_bit_exactly_at_the_boundary(
-        folder, weights, tmp_path, monkeypatch):
-    recipe = dict(weights=str(weights), recipe="lp-ft", probe_steps=3, ema_decay=0.5,
-                  l2sp=0.01, l2sp_head=1e-3, mixup=0.2, cutmix=1.0, checkpoint_every=1000)
-    whole = fit(config(folder, tmp_path / "whole", **recipe))
+        lp_ft, weights, tmp_path, monkeypatch):
+    cfg, whole = lp_ft
+    cfg = cfg.replace(workdir=str(tmp_path / "stopped"))
     with monkeypatch.context() as patch:
         stop_after(patch, 3)
         with pytest.raises(trainer.Preempted) as stopped:
-            fit(config(folder, tmp_path / "stopped", **recipe))
+            fit(cfg)
     assert stopped.value.step == 3
     probed = variables(tmp_path / "stopped")  # the EMA's at the boundary
-    resumed = fit(config(folder, tmp_path / "stopped", **recipe))
+    resumed = fit(cfg)
     assert_same(resumed.params, whole.params)
     assert_same(resumed.ema_params, whole.ema_params)
     assert_same(resumed.opt_state, whole.opt_state)
@@ -92,14 +102,17 @@ def test_lp_ft_with_ema_l2sp_and_mixing_resumes_bit_exactly_at_the_boundary(
                               loaded["params"]["layer1_0"]["conv1"]["kernel"])
 
 
-def test_the_evaluation_and_the_best_checkpoint_are_the_moving_averages(folder, tmp_path):
-    state = fit(config(folder, tmp_path / "run", ema_decay=0.9, eval_every=3))
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+def test_the_evaluation_and_the_best_checkpoint_are_the_moving_averages(lp_ft):
+    cfg, state = lp_ft
+    workdir = Path(cfg.run.workdir)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
     last = [r for r in rows if r["split"] == "eval"][-1]
-    direct = trainer.evaluate(config(folder, tmp_path / "run", ema_decay=0.9), "latest")
+    assert last["step"] == 6
+    direct = trainer.evaluate(cfg, "latest")
     assert direct["top1"] == pytest.approx(last["top1"]) and direct["loss"] == pytest.approx(
         last["loss"])
-    assert_same(variables(tmp_path / "run")["params"], state.ema_params)
+    assert_same(variables(workdir)["params"], state.ema_params)
+    assert not np.array_equal(state.ema_params["fc"]["kernel"], state.params["fc"]["kernel"])
 
 
 def test_early_stop_ends_the_run_and_a_rerun_has_nothing_to_do(folder, weights, tmp_path,
@@ -129,17 +142,20 @@ def test_bn_momentum_auto_follows_kornblith_and_reaches_the_model():
     assert trainer._bn_momentum("0.3", 400) == 0.3
 
 
-def test_bn_momentum_reaches_the_model_and_sets_how_fast_running_statistics_move(folder,
-                                                                                 tmp_path):
-    cfg = config(folder, tmp_path, bn_momentum="auto")
+def test_bn_momentum_reaches_the_model_and_sets_how_fast_running_statistics_move(
+        folder, weights, tmp_path):
+    cfg = config(folder, tmp_path, bn_momentum="auto", weights=str(weights))
     plan = trainer.make_plan(cfg)  # 3 steps per epoch: auto = min(10 / 3, 0.1)
-    model = trainer.initial_state(cfg, plan).apply_fn.__self__
-    assert plan.bn_momentum == 0.1 and model.bn_momentum == 0.1
+    state = trainer.initial_state(cfg, plan)
+    assert plan.bn_momentum == 0.1 and state.apply_fn.__self__.bn_momentum == 0.1
+    # Its variables serve any momentum (momentum is no variable): an untrained torchvision
+    # network's, whose running means are 0.
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    assert not np.asarray(variables["batch_stats"]["bn1"]["mean"]).any()
     images = np.random.default_rng(0).normal(1.0, 1.0, (4, 16, 16, 3)).astype(np.float32)
     means = []
     for momentum in (0.01, 1.0):
         model = trainer.create_model("resnet18", 3, bn_momentum=momentum)
-        variables = model.init(jax.random.key(0), images)
         _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
         means.append(np.asarray(updates["batch_stats"]["bn1"]["mean"]))
     # From a running mean of 0, one step leaves momentum x the batch mean.

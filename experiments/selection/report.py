@@ -164,12 +164,20 @@ def values_table(record: dict, summary: dict, budget: str) -> list[str]:
     return lines
 
 
+def _recipe(finetune: dict) -> str:
+    """The ground truth's recipe in words (protocol 1 stored bare Config fields)."""
+    if "pretrained" not in finetune:
+        return f"Config fields {finetune} for every candidate"
+    return (f"{finetune['pretrained']} from each file ({finetune['random']} for the random "
+            f"candidate), {finetune['length']} length")
+
+
 def markdown(record: dict) -> str:
     summary = record["summary"]
     lines = [f"# Selection on {record['table']}{' (quick)' if record['quick'] else ''}", "",
              *zoo_table(record, summary), "",
              f"Fine-tuned top-1 (%) on the fixed test set: mean ± sample std over seeds "
-             f"{record['seeds']} with {record['finetune']}; bold: the best candidate; "
+             f"{record['seeds']} with {_recipe(record['finetune'])}; bold: the best candidate; "
              "†: a run whose loss became non-finite (counted at chance).", "",
              *tau_table(summary), "",
              "τ_w: scipy.stats.weightedtau of the score against the mean fine-tuned top-1 "

@@ -394,6 +394,8 @@ def _check_intact(manager: ocp.CheckpointManager, step: int, asked: int | str) -
 def _to_arrays(tree: Any) -> Any:
     """Host numpy arrays; typed PRNG keys become their raw key data (Orbax stores plain arrays)."""
     def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):  # an abstract target (jax.eval_shape)
+            return x
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x = jax.random.key_data(x)
         return np.asarray(x)

@@ -115,7 +115,8 @@ def _check_compute(cfg: Config) -> None:
 def initial_state(cfg: Config, plan: Plan, pretrained: bool = True) -> TrainState:
     """A fresh TrainState from --weights (head replaced as needed) or random init.
 
-    `pretrained=False` skips reading --weights: the state is only a target to restore into.
+    `pretrained=False`: only the state's shapes and dtypes (`jax.eval_shape`), a target to
+    restore into; nothing is read, initialised or compiled.
     """
     model = create_model(cfg.model.model, plan.num_classes, dtype=jnp.dtype(cfg.model.dtype),
                          bn_momentum=plan.bn_momentum)
@@ -124,22 +125,26 @@ def initial_state(cfg: Config, plan: Plan, pretrained: bool = True) -> TrainStat
 
         model = cpu.accelerate(model)  # same variables, XLA:CPU's fast kernels
     init_rng, state_rng = jax.random.split(jax.random.key(cfg.run.seed))
-    if cfg.model.weights and pretrained:
+
+    def state_of(variables):
+        return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                 batch_stats=variables["batch_stats"], tx=plan.tx,
+                                 rng=jax.random.key_data(state_rng),  # raw keys checkpoint as-is
+                                 ema=cfg.run.ema_decay is not None)
+
+    size = cfg.data.image_size
+    random_init = lambda r: model.init(r, jnp.zeros((1, size, size, 3)), train=False)  # noqa: E731
+    if not pretrained:
+        return jax.eval_shape(lambda r: state_of(random_init(r)), init_rng)
+    if cfg.model.weights:
         head_init = cfg.model.head_init
         if head_init == "imprint":
             head_init = imprint.imprinter(model, cfg.data, seed=cfg.run.seed,
                                           train_examples=plan.info.train_examples)
-        variables = load_weights(cfg.model.weights, cfg.model.model,
-                                 num_classes=plan.num_classes, rng=init_rng,
-                                 head_init=head_init, new_head=cfg.model.new_head)
-    else:
-        size = cfg.data.image_size
-        variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)), train=False)
-                            )(init_rng)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables["batch_stats"], tx=plan.tx,
-                             rng=jax.random.key_data(state_rng),  # raw keys checkpoint as-is
-                             ema=cfg.run.ema_decay is not None)
+        return state_of(load_weights(cfg.model.weights, cfg.model.model,
+                                     num_classes=plan.num_classes, rng=init_rng,
+                                     head_init=head_init, new_head=cfg.model.new_head))
+    return state_of(jax.jit(random_init)(init_rng))
 
 
 def restore_or_init(cfg: Config, plan: Plan,

@@ -31,11 +31,27 @@ def export(workdir: str | Path, out: str | Path, checkpoint_step: int | str = "b
         raise ConfigError(f"no checkpoints in {workdir}; train there first (python -m "
                           "jaxsft.train --workdir ...)")
     variables, meta = restore_variables(directory, checkpoint_step)
-    path = save_torch_state_dict(variables, out)
     arch = meta.get("config", {}).get("model", {}).get("model", "resnet")
+    path = save_torch_state_dict(variables, out, _provenance(workdir, meta, arch))
     return {"out": str(path), "step": int(meta["step"]), "arch": arch,
             "num_classes": int(variables["params"]["fc"]["kernel"].shape[-1]),
             "class_names": meta.get("class_names")}
+
+
+def _provenance(workdir: str | Path, meta: dict, arch: str) -> dict[str, str]:
+    """Where the weights came from, for a .safetensors header: the architecture, the step,
+    the source data set and, where the run evaluated that step, its top-1 there (what
+    `python -m jaxsft.select` ranks by as `source_acc`)."""
+    from jaxsft.metrics import read_jsonl
+    from jaxsft.trainer import METRICS_FILE
+
+    out = {"jaxsft.arch": arch, "jaxsft.step": str(int(meta["step"])),
+           "jaxsft.dataset": str(meta.get("config", {}).get("data", {}).get("dataset", ""))}
+    evals = [r for r in read_jsonl(Path(workdir) / METRICS_FILE)
+             if r.get("split") == "eval" and r["step"] == int(meta["step"])]
+    if evals:
+        out["jaxsft.source_top1"] = repr(float(evals[-1]["top1"]))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

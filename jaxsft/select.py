@@ -132,7 +132,7 @@ def extract_features(candidate: Candidate, cfg: DataConfig, *, max_examples: int
     """Penultimate features, labels and (with a source head) logits of the train split.
 
     `compiled` (a dict the caller keeps) shares the compiled forward pass between candidates
-    of one architecture and head size, which differ only in their variables."""
+    of one architecture, whatever their heads (`features.forward` leaves the head out)."""
     import jax
 
     from jaxsft import data, features
@@ -145,8 +145,7 @@ def extract_features(candidate: Candidate, cfg: DataConfig, *, max_examples: int
 
         model = cpu.accelerate(model)
     compiled = {} if compiled is None else compiled
-    key = (candidate.arch, int(variables["params"]["fc"]["bias"].shape[0]))
-    apply = compiled[key] = compiled.get(key) or features.forward(model)
+    apply = compiled[candidate.arch] = compiled.get(candidate.arch) or features.forward(model)
     out = features.penultimate(apply, variables, cfg, train_examples=info.train_examples,
                                max_examples=max_examples, seed=seed)
     return Features(out["features"], out["labels"], out["logits"] if has_head else None,
@@ -197,7 +196,8 @@ def cached_features(candidate: Candidate, cfg: DataConfig, workdir: str | None, 
 
 def source_accuracy(candidate: Candidate) -> float | None:
     """The weights' source top-1 (in [0, 1]) where it is known: torchvision's published
-    ImageNet acc@1 for its files, a jaxsft workdir's best eval top-1 (summary.json)."""
+    ImageNet acc@1 for its files, a jaxsft workdir's best eval top-1 (summary.json), the
+    top-1 `python -m jaxsft.export` recorded in a .safetensors file it wrote."""
     weights = candidate.weights
     if weights.startswith("torchvision:"):
         from jaxsft.weights import WeightsError, torchvision_url
@@ -213,7 +213,10 @@ def source_accuracy(candidate: Candidate) -> float | None:
     if summary.is_file():
         top1 = json.loads(summary.read_text()).get("best_top1")
         return None if top1 is None else float(top1)
-    return None
+    from jaxsft.weights import read_metadata
+
+    top1 = read_metadata(Path(weights).expanduser()).get("jaxsft.source_top1")
+    return None if top1 is None else float(top1)
 
 
 def score(name: str, got: Features, candidate: Candidate, seed: int = 0) -> float | None:
@@ -288,7 +291,7 @@ def select(candidates: Sequence[Candidate], cfg: DataConfig, *,
         if name not in SCORES:
             raise ConfigError(f"unknown score {name!r}; known: {', '.join(SCORES)}")
     info = data.dataset_info(cfg)  # a bad data set or an empty split: one error, before all
-    compiled: dict = {}  # one compiled forward pass per architecture and head size
+    compiled: dict = {}  # one compiled forward pass per architecture
     rows = [evaluate_candidate(c, cfg, scores, workdir=workdir, max_examples=max_examples,
                                seed=seed, compiled=compiled) for c in candidates]
     return {"dataset": cfg.dataset, "split": cfg.train_split, "image_size": cfg.image_size,

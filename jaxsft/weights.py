@@ -201,10 +201,13 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def save_torch_state_dict(variables: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def save_torch_state_dict(variables: Mapping[str, Any], path: str | os.PathLike,
+                          metadata: Mapping[str, str] | None = None) -> Path:
     """Write `to_torch_state_dict(variables)` as .safetensors (no torch needed) or .pth/.pt/.bin.
 
-    The file appears whole or not at all (written to a temporary file, then renamed).
+    `metadata` (text) goes into a .safetensors header, beside the tensors (`read_metadata`);
+    a torch file holds the bare state dict. The file appears whole or not at all (written to
+    a temporary file, then renamed).
     """
     path = Path(path)
     state_dict = to_torch_state_dict(variables)
@@ -212,7 +215,7 @@ def save_torch_state_dict(variables: Mapping[str, Any], path: str | os.PathLike)
         from safetensors.numpy import save_file
 
         def write(tmp: str) -> None:
-            save_file(state_dict, tmp)
+            save_file(state_dict, tmp, metadata=dict(metadata or {}))
     elif path.suffix in TORCH_SUFFIXES:
         torch = _import_torch(path, "write a .safetensors file instead")
 
@@ -228,6 +231,16 @@ def save_torch_state_dict(variables: Mapping[str, Any], path: str | os.PathLike)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text metadata of a .safetensors header ({} for any other file, or none written)."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return dict(f.metadata() or {})
 
 
 def resolve_source(source: str | os.PathLike, arch: str, *,

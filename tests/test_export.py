@@ -1,5 +1,6 @@
 """A workdir's weights out (`python -m jaxsft.export`) into torchvision, and in as --weights."""
 
+import json
 import subprocess
 import sys
 
@@ -13,10 +14,10 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from jaxsft import checkpoint, export
+from jaxsft import checkpoint, export, select
 from jaxsft.models import create_model
 from jaxsft.state import TrainState
-from jaxsft.weights import WeightsError, from_torch_state_dict, load_weights
+from jaxsft.weights import WeightsError, from_torch_state_dict, load_weights, read_metadata
 
 CLASSES = 3
 
@@ -44,6 +45,8 @@ def workdir(tmp_path_factory):
         for step, top1 in ((1, 0.9), (2, 0.5)):
             checkpoint.save(manager, state.replace(step=jnp.asarray(step, jnp.int32)), meta,
                             metrics={"top1": top1})
+    # The run's log evaluated step 2 only (step 1's top-1 is in its checkpoint alone).
+    (root / "metrics.jsonl").write_text(json.dumps({"step": 2, "split": "eval", "top1": 0.5}))
     return root, average
 
 
@@ -70,6 +73,20 @@ def test_export_names_a_step_and_refuses_a_workdir_without_checkpoints(workdir, 
     assert export.export(root, tmp_path / "last.safetensors", "latest")["step"] == 2
     with pytest.raises(export.ConfigError, match="no checkpoints in .*train there first"):
         export.export(tmp_path, tmp_path / "x.safetensors")
+
+
+def test_the_exported_file_names_its_source_and_select_ranks_by_its_top1(workdir, tmp_path):
+    root, _ = workdir
+    evaluated, unevaluated = tmp_path / "last.safetensors", tmp_path / "best.safetensors"
+    export.export(root, evaluated, "latest")
+    export.export(root, unevaluated, "best")  # step 1: no eval row, so no figure, not step 2's
+    meta = read_metadata(evaluated)
+    assert (meta["jaxsft.arch"], meta["jaxsft.step"], meta["jaxsft.source_top1"]) == \
+        ("resnet18", "2", "0.5")
+    assert "jaxsft.source_top1" not in read_metadata(unevaluated)
+    assert select.source_accuracy(select.Candidate("resnet18", str(evaluated))) == 0.5
+    assert select.source_accuracy(select.Candidate("resnet18", str(unevaluated))) is None
+    load_file(evaluated)  # the header's text does not get in torch's way
 
 
 def test_a_workdir_is_a_weights_source_with_its_best_checkpoint(workdir):

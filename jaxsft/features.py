@@ -18,25 +18,30 @@ from jaxsft.config import DataConfig
 
 
 def forward(model: Any) -> Callable:
-    """pmapped (variables, images [D, B, H, W, 3]) -> (features before `fc`, logits): the
-    input of the `fc` module is caught by method interception, the model left as it is."""
+    """pmapped (backbone variables, images [D, B, H, W, 3]) -> the features before `fc`.
+
+    The head is not applied: method interception hands its input back as the model's output,
+    the model left as it is. So one compiled forward pass serves every head size of an
+    architecture (`penultimate` applies the head on the host)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     def apply(variables, images):
-        caught = {}
-
-        def catch_fc_input(next_fun, args, kwargs, context):
+        def skip_fc(next_fun, args, kwargs, context):
             if context.method_name == "__call__" and context.module.name == "fc":
-                caught["features"] = args[0]
+                return args[0]
             return next_fun(*args, **kwargs)
 
-        with nn.intercept_methods(catch_fc_input):
-            logits = model.apply(variables, images, train=False)
-        return caught["features"].astype(jnp.float32), logits.astype(jnp.float32)
+        with nn.intercept_methods(skip_fc):
+            return model.apply(variables, images, train=False).astype(jnp.float32)
 
     return jax.pmap(apply, axis_name="batch")
+
+
+def _backbone(variables: Any) -> Any:
+    """The variables without the head: what `forward` reads, the same tree for every head."""
+    return {**variables, "params": {k: v for k, v in variables["params"].items() if k != "fc"}}
 
 
 def _batches(cfg: DataConfig, max_examples: int | None, seed: int, train_examples: int):
@@ -63,20 +68,24 @@ def _batches(cfg: DataConfig, max_examples: int | None, seed: int, train_example
 
 def penultimate(apply: Callable, variables: Any, cfg: DataConfig, *, train_examples: int,
                 max_examples: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """{"features" [N, D], "logits" [N, Z], "labels" [N]} of this process's examples of the
-    train split (all of them on one host), `apply` being `forward(model)`."""
+    """{"features" [N, D], "labels" [N], and where `variables` has a head "logits" [N, Z]}
+    of this process's examples of the train split (all of them on one host), `apply` being
+    `forward(model)`; the logits are the head applied to the features in float32."""
     from jaxsft import data, steps
 
-    replicated = steps.replicate(variables)
+    replicated = steps.replicate(_backbone(variables))
     stream, count, subset = _batches(cfg, max_examples, seed, train_examples)
-    parts: dict[str, list[np.ndarray]] = {"features": [], "logits": [], "labels": []}
+    parts: dict[str, list[np.ndarray]] = {"features": [], "labels": []}
     for batch in data.device_prefetch(itertools.islice(stream, count)):
-        features, logits = apply(replicated, batch["image"])
+        features = apply(replicated, batch["image"])
         keep = np.asarray(batch["mask"]).reshape(-1) > 0
         parts["features"].append(np.asarray(features).reshape(keep.size, -1)[keep])
-        parts["logits"].append(np.asarray(logits).reshape(keep.size, -1)[keep])
         parts["labels"].append(np.asarray(batch["label"]).reshape(-1)[keep])
     out = {k: np.concatenate(v) for k, v in parts.items()}
+    head = variables["params"].get("fc")
+    if head is not None:
+        kernel, bias = (np.asarray(head[k], np.float32) for k in ("kernel", "bias"))
+        out["logits"] = out["features"] @ kernel + bias
     if count is not None:
         out = {k: v[:max_examples] for k, v in out.items()}
     if subset is not None:

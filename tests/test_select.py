@@ -109,15 +109,23 @@ def test_the_candidate_that_resembles_the_target_ranks_first_and_features_are_ca
     assert rows[1]["scores"]["source_acc"] is None  # no evaluation, no summary top-1
     assert like in out.splitlines()[2] and "logme" in out.splitlines()[1]
 
-    # the cached features: fc's input, so that input @ kernel + bias are the cached logits
+    # the features are fc's input: the model's own logits are the head applied to them
+    import jax
+
+    from jaxsft import features, steps
+    from jaxsft.models import create_model
     from jaxsft.weights import load_weights
 
-    fc = load_weights(str(zoo["like"]), "resnet18")["params"]["fc"]
-    (cached,) = [p for p in (tmp_path / "w" / "features").glob("*.npz")
-                 if str(np.load(p)["spec"]) == like]
-    with np.load(cached) as z:
-        np.testing.assert_allclose(z["features"] @ np.asarray(fc["kernel"]) + fc["bias"],
-                                   z["logits"], rtol=1e-4, atol=1e-4)
+    variables = load_weights(str(zoo["like"]), "resnet18")
+    fc = variables["params"]["fc"]
+    model = create_model("resnet18", fc["bias"].shape[0])
+    images = np.random.default_rng(0).normal(
+        size=(jax.local_device_count(), 2, SIZE, SIZE, 3)).astype(np.float32)
+    got = np.asarray(features.forward(model)(
+        steps.replicate(features._backbone(variables)), images)).reshape(-1, 512)
+    want = np.asarray(model.apply(variables, images.reshape(-1, SIZE, SIZE, 3), train=False))
+    np.testing.assert_allclose(got @ np.asarray(fc["kernel"]) + fc["bias"], want,
+                               rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
     # a second run with other scores reads every candidate's features from the cache
     code, out, err = _run([*argv[:-3], "nleep"], capsys)

@@ -1,9 +1,9 @@
 """The imprinted head alone, before any training step: the nearest-class-mean accuracy that
-`--head-init imprint` starts fine-tuning from, on the transfer benchmark's digits target.
+`--head-init imprint` starts fine-tuning from, on a target of the transfer benchmark.
 
-    python -m experiments.transfer.imprint_only [--seeds 0,1,2] [--budgets 1,5,10]
+    python -m experiments.transfer.imprint_only [--table digits] [--seeds 0,1,2] [--budgets 1,5,10]
 
-writes results/digits_resnet18_imprint_only.json and prints the top-1 per budget and seed.
+writes results/<table>_resnet18_imprint_only.json and prints the top-1 per budget and seed.
 The head is `jaxsft.imprint.class_mean_head` of the exported source's features of the
 labelled images (eval preprocessing, the source's running statistics), exactly what `fit`
 builds; the test images are scored with the same features.
@@ -46,6 +46,7 @@ def top1(weights: Path, data: Path) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--table", choices=("digits", "lfw"), default="digits")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budgets", default="1,5,10")
     p.add_argument("--workdir", default="runs/transfer")
@@ -61,11 +62,11 @@ def main(argv=None) -> None:
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
-            acc = top1(weights, target_data("digits", budget, seed, workdir))
+            acc = top1(weights, target_data(args.table, budget, seed, workdir))
             rows.append({"budget": budget, "seed": seed, "top1": acc})
             print(f"imprinted head, {budget} labels per class, seed {seed}: {100 * acc:.1f}%",
                   flush=True)
-    out = Path(args.results) / "digits_resnet18_imprint_only.json"
+    out = Path(args.results) / f"{args.table}_resnet18_imprint_only.json"
     out.write_text(json.dumps({"source": str(weights), "runs": rows}, indent=1) + "\n")
     print(f"wrote {out}")
 

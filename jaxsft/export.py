@@ -16,7 +16,7 @@ from pathlib import Path
 
 from jaxsft import cli
 from jaxsft.config import ConfigError
-from jaxsft.workdir import CHECKPOINT_DIR
+from jaxsft.workdir import CHECKPOINT_DIR, METRICS_FILE
 
 PROG = "python -m jaxsft.export"
 
@@ -43,7 +43,6 @@ def _provenance(workdir: str | Path, meta: dict, arch: str) -> dict[str, str]:
     the source data set and, where the run evaluated that step, its top-1 there (what
     `python -m jaxsft.select` ranks by as `source_acc`)."""
     from jaxsft.metrics import read_jsonl
-    from jaxsft.trainer import METRICS_FILE
 
     out = {"jaxsft.arch": arch, "jaxsft.step": str(int(meta["step"])),
            "jaxsft.dataset": str(meta.get("config", {}).get("data", {}).get("dataset", ""))}

@@ -30,11 +30,7 @@ from jaxsft.periodic import is_time
 from jaxsft.preemption import StopRequest
 from jaxsft.state import TrainState, ema_state
 from jaxsft.weights import load_weights
-from jaxsft.workdir import CHECKPOINT_DIR
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-PLOT_FILE = "curves.png"
+from jaxsft.workdir import CHECKPOINT_DIR, METRICS_FILE, PLOT_FILE, SUMMARY_FILE
 
 
 class TrainingError(RuntimeError):

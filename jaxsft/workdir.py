@@ -34,6 +34,9 @@ LENGTH_FREE_SCHEDULES = ("constant", "step", "multistep")
 CONFIG_FILE = "config.json"
 LOCK_FILE = "jaxsft.lock"
 CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"  # a row per log and eval (jaxsft.metrics.read_jsonl)
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "curves.png"
 
 
 class WorkdirInUse(ConfigError):

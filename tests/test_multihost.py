@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import image_folder, noise
+from helpers import FAST_COMPILE, image_folder, noise
 
 from jaxsft import checkpoint
 from jaxsft.trainer import CHECKPOINT_DIR
@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 def env_with_devices(n: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {FAST_COMPILE}"}
 
 
 def train_flags(folder: Path, workdir: Path, steps: int) -> list[str]:

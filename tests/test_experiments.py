@@ -48,6 +48,16 @@ def test_digits_target_keeps_one_test_set_for_every_budget_and_seed(tmp_path):
     assert len(list((root / "test").rglob("*.png"))) == 500
 
 
+def test_lfw_target_is_faces_against_non_faces_with_50_of_each_held_out(tmp_path):
+    images, labels, names = targets.load_lfw_target()  # scikit-image's wheel, offline
+    assert images.shape == (200, 25, 25) and images.dtype == np.uint8
+    assert names == ["face", "non_face"] and np.bincount(labels).tolist() == [100, 100]
+    root = targets.write_target("lfw", tmp_path / "l", 5, seed=3)
+    assert sorted(p.name for p in (root / "train").iterdir()) == names
+    assert len(list((root / "train").rglob("*.png"))) == 10
+    assert len(list((root / "test").rglob("*.png"))) == 2 * targets.TEST_PER_CLASS
+
+
 @pytest.mark.slow
 def test_quick_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
     helpers.run_quick_experiment("experiments.transfer.run", tmp_path)

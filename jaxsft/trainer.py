@@ -128,10 +128,12 @@ def initial_state(cfg: Config, plan: Plan, pretrained: bool = True) -> TrainStat
                                  rng=jax.random.key_data(state_rng),  # raw keys checkpoint as-is
                                  ema=cfg.run.ema_decay is not None)
 
-    size = cfg.data.image_size
-    random_init = lambda r: model.init(r, jnp.zeros((1, size, size, 3)), train=False)  # noqa: E731
+    def random_init(rng):
+        size = cfg.data.image_size
+        return model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
+
     if not pretrained:
-        return jax.eval_shape(lambda r: state_of(random_init(r)), init_rng)
+        return jax.eval_shape(lambda rng: state_of(random_init(rng)), init_rng)
     if cfg.model.weights:
         head_init = cfg.model.head_init
         if head_init == "imprint":

@@ -1,11 +1,13 @@
 """What `jaxsft.select` costs now, against the fine-tuning of protocol 2: LogME, LEEP and the
-source accuracy of every zoo candidate on both targets, features extracted afresh (a new
-feature cache; the compilation cache as `experiments.selection.run` leaves it).
+source accuracy of every zoo candidate on both targets, with features extracted afresh.
 
-    python -m experiments.selection.cost   # after experiments.selection.run
+    python -m experiments.selection.cost          # after experiments.selection.run
+    python -m experiments.selection.cost --cold   # an empty compilation cache as well
 
-writes results/digits_cost.json: per target, the wall time and each candidate's seconds and
-scores, and each score's share of fine-tuning every candidate once (digits.json's runs).
+writes results/digits_cost[_cold].json: per target, select's result (every candidate's
+seconds and scores) and each score's seconds and share of fine-tuning every candidate once,
+as the study's report computes them. Without --cold the compilation cache is the one the
+study leaves (its fine-tuning runs load their compiled steps from it too).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,55 +24,49 @@ RESULTS = Path(__file__).parent / "results"
 SCORES = ("logme", "leep", "source_acc")
 
 
-def _finetune_once(record: dict, budget: str) -> float:
-    """Fine-tuning every candidate once: the sum over candidates of the mean wall time of a
-    run (the report's definition)."""
-    walls: dict[str, list[float]] = {}
-    for r in record["runs"]:
-        if r["budget"] == budget:
-            walls.setdefault(r["candidate"], []).append(r["wall_s"])
-    return sum(sum(w) / len(w) for w in walls.values())
+def measure(workdir: Path, results: Path, cold: bool) -> Path:
+    """Scores every target's training set afresh; writes and returns the JSON."""
+    from jaxsft.process import setup
+
+    setup()
+    from experiments.selection import report
+    from experiments.selection.run import SCORE_SEED, score_target
+
+    record = json.loads((results / "digits.json").read_text())
+    out = {}
+    for budget in record["budgets"]:
+        data = workdir / "data" / f"digits_b{budget}_s{SCORE_SEED}"
+        fresh = workdir / "cost" / budget
+        shutil.rmtree(fresh, ignore_errors=True)  # features computed afresh, not read
+        started = time.perf_counter()
+        result = score_target(record["zoo"], data, fresh, scores=SCORES)
+        wall = time.perf_counter() - started
+        summary = report.summarise_target({**record, "scores": {budget: result}}, budget)
+        costs = {s: {k: summary["scores"][s][k] for k in ("seconds", "cost_share")}
+                 for s in SCORES}
+        out[budget] = {"wall_s": round(wall, 1), "finetune_s": summary["finetune_s"],
+                       "scores": costs, "select": result}
+        print(f"{budget}: select {wall:.1f} s; fine-tuning every candidate once "
+              f"{summary['finetune_s']['one_seed']:.1f} s; " + ", ".join(
+                  f"{s} {v['seconds']:.1f} s = {100 * v['cost_share']:.1f}%"
+                  for s, v in costs.items()), flush=True)
+    path = results / f"digits_cost{'_cold' if cold else ''}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return path
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="runs/selection")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--cold", action="store_true",
+                   help="compile everything afresh (a new, empty compilation cache)")
     args = p.parse_args(argv)
     os.environ["JAXSFT_ONEDNN"] = "off"  # as the study's own run
-    from jaxsft.process import setup
-
-    setup()
-    from experiments.selection.run import SCORE_SEED
-    from jaxsft import config, select
-
-    record = json.loads((Path(args.results) / "digits.json").read_text())
-    specs = [select.Candidate(c["arch"], c["weights"]) for c in record["zoo"]]
-    out = {}
-    for budget in record["budgets"]:
-        data = Path(args.workdir) / "data" / f"digits_b{budget}_s{SCORE_SEED}"
-        cfg = config.from_dict(dict(dataset=f"folder:{data}", image_size=32, augment="none",
-                                    batch_size=100)).data
-        cache = Path(args.workdir) / "cost" / budget
-        shutil.rmtree(cache, ignore_errors=True)  # features computed afresh, not read
-        started = time.perf_counter()
-        result = select.select(specs, cfg, scores=SCORES, rank_by="logme", workdir=str(cache),
-                               seed=SCORE_SEED)
-        wall = time.perf_counter() - started
-        rows = [{"spec": r["spec"], "seconds": r["seconds"], "scores": r["scores"]}
-                for r in result["candidates"]]
-        features = sum(r["seconds"]["features"] for r in rows)
-        finetune = _finetune_once(record, budget)
-        share = {s: (features + sum(r["seconds"].get(s, 0) for r in rows)) / finetune
-                 for s in SCORES}
-        out[budget] = {"wall_s": round(wall, 1), "features_s": round(features, 1),
-                       "finetune_once_s": round(finetune, 1), "share_of_finetuning": share,
-                       "rows": rows}
-        print(f"{budget}: select {wall:.1f} s (features {features:.1f} s); fine-tuning every "
-              f"candidate once {finetune:.1f} s; " + ", ".join(
-                  f"{s} {100 * v:.1f}%" for s, v in share.items()), flush=True)
-    path = Path(args.results) / "digits_cost.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    with tempfile.TemporaryDirectory(prefix="jaxsft-cold-") as empty:
+        if args.cold:
+            os.environ["JAXSFT_CACHE"] = empty  # compiled and downloaded things: none
+        path = measure(Path(args.workdir), Path(args.results), args.cold)
     print(f"wrote {path}")
 
 

@@ -35,16 +35,18 @@ def _label(budget: int | None) -> str:
     return "all" if budget is None else str(budget)
 
 
-def score_target(zoo: list[dict], data: Path, workdir: Path) -> dict:
-    """jaxsft.select on the target's training split: every candidate, every score, with the
-    seconds each took (features cached in workdir/select, as --workdir caches them)."""
+def score_target(zoo: list[dict], data: Path, workdir: Path,
+                 scores: tuple[str, ...] | None = None) -> dict:
+    """jaxsft.select on the target's training split: every candidate, every score (or
+    `scores`), with the seconds each took (features cached in workdir/select, as --workdir
+    caches them); each row named by its candidate."""
     from jaxsft import config, select
 
     cfg = config.from_dict(dict(dataset=f"folder:{data}", image_size=32, augment="none",
                                 batch_size=100)).data
     specs = [select.Candidate(c["arch"], c["weights"]) for c in zoo]
-    result = select.select(specs, cfg, scores=select.DEFAULT_SCORES, rank_by=RANK_BY,
-                           workdir=str(workdir / "select"), seed=SCORE_SEED)
+    result = select.select(specs, cfg, scores=scores or select.DEFAULT_SCORES,
+                           rank_by=RANK_BY, workdir=str(workdir / "select"), seed=SCORE_SEED)
     print(select.format_table(result), flush=True)
     names = {s.spec: c["name"] for s, c in zip(specs, zoo)}
     for row in result["candidates"]:

@@ -168,8 +168,8 @@ def _recipe(finetune: dict) -> str:
     """The ground truth's recipe in words (protocol 1 stored bare Config fields)."""
     if "pretrained" not in finetune:
         return f"Config fields {finetune} for every candidate"
-    return (f"{finetune['pretrained']} from each file ({finetune['random']} for the random "
-            f"candidate), {finetune['length']} length")
+    return (f"{finetune['pretrained']} from each file ({finetune['random']} from random "
+            f"initialisation for the random candidate), {finetune['length']} length")
 
 
 def markdown(record: dict) -> str:
@@ -184,8 +184,9 @@ def markdown(record: dict) -> str:
              "over the candidates; pick: the score's top candidate and its fine-tuned top-1 "
              "below the best (points); s: seconds of features + score over all candidates; "
              "% of FT: of fine-tuning every candidate once (one seed each); n/a: no value for "
-             "any candidate (select's source_acc reads a top-1 only for torchvision's files "
-             "or a workdir's summary.json, not for an exported file)."]
+             "any candidate (select's source_acc reads torchvision's published top-1, a "
+             "workdir's summary.json, or the header of a file jaxsft.export wrote; scores "
+             "kept from before export wrote one have none)."]
     lines += ["", "Seed agreement (τ_w of one seed's top-1 against the other seeds' mean, per "
               "seed; added after the results were seen: how far the ground truth agrees with "
               "itself, a rough ceiling for a score):"]

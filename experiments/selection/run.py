@@ -16,14 +16,15 @@ import os
 import time
 from pathlib import Path
 
+from experiments.transfer.arms import ARMS
+
 RESULTS = Path(__file__).parent / "results"
 TABLE = "digits"
 # The ground truth's fine-tuning (protocol 2): jaxsft's default for a weights file, --recipe
 # auto, as long as auto chooses; the random candidate, which auto cannot start (it imprints
 # the head from source features), gets the transfer benchmark's scratch arm for as long.
 # Protocol 1 used the seed's loop, dict(lr=0.01), for all (results/digits_seed-loop.*).
-FINETUNE = {"pretrained": {"recipe": "auto"}, "random": "the transfer benchmark's scratch arm",
-            "length": "auto"}
+FINETUNE = {"pretrained": {"recipe": "auto"}, "random": ARMS["scratch"], "length": "auto"}
 BUDGETS = (10, None)  # labels per class; None: all (1,297 images)
 SEEDS = (0, 1, 2)
 SCORE_SEED = 0  # the scores see one training set, as a user holds one: seed 0's subset
@@ -57,12 +58,11 @@ def score_target(zoo: list[dict], data: Path, workdir: Path,
 def finetune_candidate(candidate: dict, budget: int | None, seed: int, workdir: Path,
                        steps: int | None) -> dict:
     """One ground-truth run: auto from the candidate's file (random: the scratch arm)."""
-    from experiments.transfer.arms import ARMS
     from experiments.transfer.run import finetune, target_data
 
     data = target_data(TABLE, budget, seed, workdir)
     random = candidate["weights"] == "random"
-    arm = ARMS["scratch"] if random else FINETUNE["pretrained"]
+    arm = FINETUNE["random" if random else "pretrained"]
     run = workdir / "cells" / f"{candidate['name']}_{data.name}"
     row = finetune(candidate["arch"], arm, data, seed, run=run, steps=steps,
                    weights=None if random else Path(candidate["weights"]),

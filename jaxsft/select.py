@@ -31,6 +31,7 @@ import numpy as np
 from jaxsft import cli, config
 from jaxsft import transferability as T
 from jaxsft.config import ConfigError, DataConfig
+from jaxsft.workdir import SUMMARY_FILE
 
 PROG = "python -m jaxsft.select"
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def source_accuracy(candidate: Candidate) -> float | None:
     name = weights.rstrip("/").rsplit("/", 1)[-1]
     if name in TORCHVISION_ACC1:
         return TORCHVISION_ACC1[name] / 100
-    summary = Path(weights).expanduser() / "summary.json"
+    summary = Path(weights).expanduser() / SUMMARY_FILE
     if summary.is_file():
         top1 = json.loads(summary.read_text()).get("best_top1")
         return None if top1 is None else float(top1)

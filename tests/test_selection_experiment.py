@@ -79,3 +79,14 @@ def test_quick_selection_study_runs_end_to_end_and_writes_its_tables(tmp_path):
     assert isinstance(record["summary"]["goal"]["met"], bool)
     table = (tmp_path / "res" / "digits_quick.md").read_text()
     assert "| logme |" in table and "source_top1 (baseline)" in table and "Goal for" in table
+
+    # select's cost against that fine-tuning, features afresh (experiments.selection.cost)
+    helpers.run_quick_experiment("experiments.selection.cost", tmp_path)
+    cost = json.loads((tmp_path / "res" / "digits_cost_quick.json").read_text())
+    assert set(cost) == {"2", "10"}
+    for budget, target in cost.items():
+        assert target["finetune_s"] == record["summary"]["targets"][budget]["finetune_s"]
+        assert all(s["seconds"] > 0 and s["cost_share"] > 0 for s in target["scores"].values())
+        acc = {r["name"]: r["scores"]["source_acc"] for r in target["select"]["candidates"]}
+        # export wrote each file's evaluated source top-1 into its header; select reads it
+        assert acc == {c["name"]: c["source_top1"] for c in record["zoo"]}

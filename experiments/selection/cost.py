@@ -3,8 +3,9 @@ source accuracy of every zoo candidate on both targets, with features extracted 
 
     python -m experiments.selection.cost          # after experiments.selection.run
     python -m experiments.selection.cost --cold   # an empty compilation cache as well
+    python -m experiments.selection.cost --quick  # after experiments.selection.run --quick
 
-writes results/digits_cost[_cold].json: per target, select's result (every candidate's
+writes results/digits_cost[_cold][_quick].json: per target, select's result (every candidate's
 seconds and scores) and each score's seconds and share of fine-tuning every candidate once,
 as the study's report computes them. Without --cold the compilation cache is the one the
 study leaves (its fine-tuning runs load their compiled steps from it too).
@@ -24,7 +25,7 @@ RESULTS = Path(__file__).parent / "results"
 SCORES = ("logme", "leep", "source_acc")
 
 
-def measure(workdir: Path, results: Path, cold: bool) -> Path:
+def measure(workdir: Path, results: Path, cold: bool, quick: bool) -> Path:
     """Scores every target's training set afresh; writes and returns the JSON."""
     from jaxsft.process import setup
 
@@ -32,7 +33,9 @@ def measure(workdir: Path, results: Path, cold: bool) -> Path:
     from experiments.selection import report
     from experiments.selection.run import SCORE_SEED, score_target
 
-    record = json.loads((results / "digits.json").read_text())
+    suffix = "_quick" if quick else ""  # the study's --quick record and workdir
+    record = json.loads((results / f"digits{suffix}.json").read_text())
+    workdir = workdir / ("quick" if quick else "")
     out = {}
     for budget in record["budgets"]:
         data = workdir / "data" / f"digits_b{budget}_s{SCORE_SEED}"
@@ -50,7 +53,7 @@ def measure(workdir: Path, results: Path, cold: bool) -> Path:
               f"{summary['finetune_s']['one_seed']:.1f} s; " + ", ".join(
                   f"{s} {v['seconds']:.1f} s = {100 * v['cost_share']:.1f}%"
                   for s, v in costs.items()), flush=True)
-    path = results / f"digits_cost{'_cold' if cold else ''}.json"
+    path = results / f"digits_cost{'_cold' if cold else ''}{suffix}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     return path
 
@@ -61,12 +64,13 @@ def main(argv=None) -> None:
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--cold", action="store_true",
                    help="compile everything afresh (a new, empty compilation cache)")
+    p.add_argument("--quick", action="store_true", help="the study's --quick record")
     args = p.parse_args(argv)
     os.environ["JAXSFT_ONEDNN"] = "off"  # as the study's own run
     with tempfile.TemporaryDirectory(prefix="jaxsft-cold-") as empty:
         if args.cold:
             os.environ["JAXSFT_CACHE"] = empty  # compiled and downloaded things: none
-        path = measure(Path(args.workdir), Path(args.results), args.cold)
+        path = measure(Path(args.workdir), Path(args.results), args.cold, args.quick)
     print(f"wrote {path}")
 
 

@@ -69,8 +69,8 @@ def run(workdir: Path, *, pretrain_steps: int, labels_per_class: int,
         finetune_steps: int | None = None, renderings: int = 2) -> dict[str, float]:
     from jaxsft import data, recipes
     from jaxsft.data.characters import write_character_folders
-    from jaxsft.metrics import read_jsonl
-    from jaxsft.trainer import METRICS_FILE, PLOT_FILE, fit
+    from jaxsft.metrics import eval_rows
+    from jaxsft.trainer import PLOT_FILE, fit
     from jaxsft.weights import save_torch_state_dict
 
     chars = write_character_folders(workdir / "data" / "characters", train_per_face=renderings)
@@ -97,8 +97,7 @@ def run(workdir: Path, *, pretrain_steps: int, labels_per_class: int,
               "per class")
         fit(fewshot.replace(workdir=str(workdir / name), steps=steps, eval_every=steps,
                             log_every=max(1, steps // 4), **recipe))
-        evals[name] = [r for r in read_jsonl(workdir / name / METRICS_FILE)
-                       if r["split"] == "eval"]
+        evals[name] = eval_rows(workdir / name)
     count = int(evals["auto"][-1]["count"])
     print(f"\nhandwritten digits with {labels_per_class} labels per class, top-1 on the {count} "
           f"held-out images after {steps} steps:")

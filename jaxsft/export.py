@@ -16,7 +16,7 @@ from pathlib import Path
 
 from jaxsft import cli
 from jaxsft.config import ConfigError
-from jaxsft.workdir import CHECKPOINT_DIR, METRICS_FILE
+from jaxsft.workdir import CHECKPOINT_DIR
 
 PROG = "python -m jaxsft.export"
 
@@ -42,12 +42,11 @@ def _provenance(workdir: str | Path, meta: dict, arch: str) -> dict[str, str]:
     """Where the weights came from, for a .safetensors header: the architecture, the step,
     the source data set and, where the run evaluated that step, its top-1 there (what
     `python -m jaxsft.select` ranks by as `source_acc`)."""
-    from jaxsft.metrics import read_jsonl
+    from jaxsft.metrics import eval_rows
 
     out = {"jaxsft.arch": arch, "jaxsft.step": str(int(meta["step"])),
            "jaxsft.dataset": str(meta.get("config", {}).get("data", {}).get("dataset", ""))}
-    evals = [r for r in read_jsonl(Path(workdir) / METRICS_FILE)
-             if r.get("split") == "eval" and r["step"] == int(meta["step"])]
+    evals = [r for r in eval_rows(workdir) if r["step"] == int(meta["step"])]
     if evals:
         out["jaxsft.source_top1"] = repr(float(evals[-1]["top1"]))
     return out

@@ -18,6 +18,7 @@ from typing import IO, Any
 import numpy as np
 
 from jaxsft.periodic import is_time
+from jaxsft.workdir import METRICS_FILE
 
 
 def reduce_train(steps: Iterable[Mapping[str, Any]]) -> dict[str, float]:
@@ -210,6 +211,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def eval_rows(workdir: str | Path) -> list[dict[str, Any]]:
+    """A run's evaluation rows, in order, from its workdir's metrics file ([] if none)."""
+    return [r for r in read_jsonl(Path(workdir) / METRICS_FILE) if r["split"] == "eval"]
 
 
 def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:

@@ -426,10 +426,9 @@ def _prefixed(result: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 def last_eval(workdir: Path) -> dict[str, Any] | None:
     """The run's last evaluation row (its final weights' score), None if it has none."""
-    from jaxsft import metrics, trainer
+    from jaxsft import metrics
 
-    rows = metrics.read_jsonl(workdir / trainer.METRICS_FILE)
-    return next((r for r in reversed(rows) if r["split"] == "eval"), None)
+    return next(reversed(metrics.eval_rows(workdir)), None)
 
 
 def _run_trials(root: Path, record: dict[str, Any], configs: dict[str, Config],

@@ -68,11 +68,9 @@ def _weights_path(workdir: Path, run: Pretraining, step: int) -> Path:
 
 def _eval_top1(run_dir: Path) -> dict[int, float]:
     """Held-out source top-1 at every evaluated step of a pretraining run."""
-    from jaxsft.metrics import read_jsonl
-    from jaxsft.trainer import METRICS_FILE
+    from jaxsft.metrics import eval_rows
 
-    return {int(r["step"]): float(r["top1"]) for r in read_jsonl(run_dir / METRICS_FILE)
-            if r["split"] == "eval"}
+    return {int(r["step"]): float(r["top1"]) for r in eval_rows(run_dir)}
 
 
 def build(run: Pretraining, workdir: Path, train_per_face: int) -> dict:

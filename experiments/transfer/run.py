@@ -88,8 +88,8 @@ def finetune(model: str, arm: dict, data: Path, seed: int, *, weights: Path | No
     final top-1 on data/test. The run's workdir is removed afterwards."""
     from experiments.transfer import arms
     from jaxsft.config import Config
-    from jaxsft.metrics import read_jsonl
-    from jaxsft.trainer import METRICS_FILE, TrainingError, fit
+    from jaxsft.metrics import eval_rows
+    from jaxsft.trainer import TrainingError, fit
 
     n = sum(1 for _ in (data / "train").rglob("*.png"))
     steps = steps or arms.steps_for(n, arm, length)
@@ -105,7 +105,7 @@ def finetune(model: str, arm: dict, data: Path, seed: int, *, weights: Path | No
             "batch_size": arms.BATCH, "eval_batch_size": 100, "steps": steps,
             "eval_every": steps, "checkpoint_every": steps, "log_every": steps, "keep": 1,
             "workdir": str(run), "seed": seed, "overwrite": True, **fields}))
-        last = [r for r in read_jsonl(run / METRICS_FILE) if r["split"] == "eval"][-1]
+        last = eval_rows(run)[-1]
         top1, count = float(last["top1"]), int(last["count"])
     except TrainingError as e:  # a non-finite loss: what a user gets is a failed run
         diverged = str(e).split(";")[0]

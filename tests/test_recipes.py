@@ -291,10 +291,13 @@ def test_lp_ft_resume_at_the_boundary_is_bit_exact_with_ema(tmp_path):
 
 
 def test_freeze_backbone_until_zero_is_the_wrapped_optimizer():
+    # Op by op: the two steps are different programs, and once XLA optimises (fusion, fused
+    # multiply-adds) two programs may round the same sum differently, by 1e-8 here at
+    # --xla_backend_optimization_level=1. Eager, the wrapper's selects are the only difference.
     tx = optax.sgd(0.1, momentum=0.9)
-    a = new_state(tx)
-    b = new_state(freeze_backbone_until(tx, 0))
-    a, b = run(a, 0, 2, 0), run(b, 0, 2, 0)
+    with jax.disable_jit():
+        a = run(new_state(tx), 0, 2, 0)
+        b = run(new_state(freeze_backbone_until(tx, 0)), 0, 2, 0)
     assert_equal(a.params, b.params)
     with pytest.raises(ValueError, match="probe_steps"):
         freeze_backbone_until(tx, -1)

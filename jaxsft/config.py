@@ -57,6 +57,10 @@ class ModelConfig:
         "default", "a new head's start: default = torch.nn.Linear's init, zeros = BiT's "
         "(Kolesnikov et al. 2020), imprint = the normalised class means of the training "
         "set's features (Qi et al. 2018): a nearest-class-mean classifier", HEAD_INITS)
+    imprint_scale: float | None = _field(
+        None, "--head-init imprint: the logits' scale (default: fitted to the training set's "
+        "leave-one-out cross-entropy; 10 is the fixed scale of auto's first tests, "
+        "experiments/transfer protocols 2-3)")
 
     def __post_init__(self) -> None:
         _check_model(self)
@@ -273,6 +277,7 @@ def _check_model(m: ModelConfig) -> None:
     _one_of("dtype", m.dtype, DTYPES)
     _one_of("head-init", m.head_init, HEAD_INITS)
     _positive("num-classes", m.num_classes)
+    _positive("imprint-scale", m.imprint_scale)
 
 
 def _check_data(d: DataConfig) -> None:
@@ -347,6 +352,9 @@ def _check_config(cfg: Config) -> None:
     if m.head_init == "imprint" and m.weights is None:
         raise ConfigError("--head-init imprint needs --weights: a random backbone's class means "
                           "classify nothing")
+    if m.imprint_scale is not None and m.head_init != "imprint" and o.recipe != "auto":
+        raise ConfigError("--imprint-scale sets an imprinted head's scale: add --head-init "
+                          "imprint (or --recipe auto)")
     if o.l2sp and m.weights is None and r.resume is None:
         raise ConfigError("--l2sp pulls toward pretrained weights: it needs --weights (use "
                           "--weight-decay for a random start)")

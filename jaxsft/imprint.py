@@ -5,8 +5,12 @@ normalisation, Wang et al. 2019).
 
 Logits are `scale * (f - mu) . w_k / r`: `mu` the mean feature, `w_k` the unit-length mean
 of class k's centred, unit-length features, `r` the mean norm of the centred features. Their
-argmax is the cosine nearest-class-mean rule; `scale` sets the start's confidence (10: a
-logit gap of ~1 between classes whose cosines differ by 0.1).
+argmax is the cosine nearest-class-mean rule; `scale` sets the start's confidence. By default
+it is fitted: the scale whose leave-one-out predictions on the training examples have the
+least cross-entropy (temperature scaling, Guo et al. 2017, on held-out predictions the
+training set itself provides). Where the source's features separate the classes poorly, a
+fixed confident scale starts fine-tuning above chance's loss and pushes large gradients into
+the backbone (experiments/transfer, protocol 4).
 """
 
 from __future__ import annotations
@@ -18,30 +22,82 @@ import numpy as np
 
 from jaxsft.config import DataConfig
 
-SCALE = 10.0
+SCALE = 10.0  # where no class has two examples to leave one out (1 label per class)
+SCALE_MIN, SCALE_MAX = 0.1, 100.0  # the fitted scale's range: a separable set has no optimum
 MAX_EXAMPLES = 10_000  # a seeded sample of a larger training split: class means settle fast
 
 
 def class_mean_head(features: np.ndarray, labels: np.ndarray, num_classes: int,
-                    scale: float = SCALE, total: Callable = lambda x: x) -> dict[str, np.ndarray]:
-    """{"kernel" [D, K], "bias" [K]} (float64) of the imprinted head. A class without an
-    example gets a zero vector: logit 0, below the others' while they agree with the input.
-    `total` sums a statistic over processes (the identity on one), so that every process's
-    examples count and all processes get the same head."""
-    f = np.asarray(features, np.float64)
+                    scale: float | None = None,
+                    total: Callable = lambda x: x) -> dict[str, np.ndarray]:
+    """{"kernel" [D, K], "bias" [K]} (float64) of the imprinted head; `scale` None: fitted
+    (`fitted_scale`). A class without an example gets a zero vector: logit 0, below the
+    others' while they agree with the input. `total` sums a statistic over processes (the
+    identity on one), so that every process's examples count and all get the same head."""
+    f, labels = np.asarray(features, np.float64), np.asarray(labels)
     count = total(np.float64(len(f)))
     mu = total(f.sum(axis=0)) / count
     centred = f - mu
     norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    units = centred / np.maximum(norms, 1e-12)
     sums = np.zeros((num_classes, f.shape[1]))
-    np.add.at(sums, np.asarray(labels), centred / np.maximum(norms, 1e-12))
+    np.add.at(sums, labels, units)
     sums = total(sums)
-    w = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
-    kernel = scale * w.T / max(float(total(norms.sum()) / count), 1e-12)
+    radius = max(float(total(norms.sum()) / count), 1e-12)
+    if scale is None:
+        scale = fitted_scale(centred / radius, units, labels, sums, total)
+    kernel = scale * _unit_rows(sums).T / radius
     return {"kernel": kernel, "bias": -mu @ kernel}
 
 
+def fitted_scale(x: np.ndarray, units: np.ndarray, labels: np.ndarray, sums: np.ndarray,
+                 total: Callable = lambda x: x) -> float:
+    """The scale in [SCALE_MIN, SCALE_MAX] with the least mean cross-entropy of the
+    leave-one-out logits `x_i . w_k`, where an example's own class vector is its class's
+    unit-length mean without it (`x`: centred features over the mean radius; `units`: the
+    centred unit features whose per-class `sums` make the class vectors). The cross-entropy
+    is convex in the scale, so a golden-section search finds it. Examples of single-example
+    classes have nothing to leave out and do not count; SCALE where none is left."""
+    logits = x @ _unit_rows(sums).T
+    rows = np.arange(len(labels))
+    logits[rows, labels] = np.einsum("ij,ij->i", x, _unit_rows(sums[labels] - units))
+    kept = total(np.bincount(labels, minlength=len(sums)).astype(np.float64))[labels] >= 2
+    logits, labels = logits[kept], labels[kept]
+    if total(np.float64(len(labels))) == 0:
+        return SCALE
+
+    margins = logits - logits[np.arange(len(labels)), labels][:, None]  # other - own class
+    margins[np.arange(len(labels)), labels] = -np.inf
+
+    def loss(log_scale: float) -> float:
+        # log(1 + sum exp(scale * margin)), with log1p: exact where every margin is negative
+        d = np.exp(log_scale) * margins
+        top = np.maximum(d.max(axis=1, initial=-np.inf), 0.0)
+        nll = top + np.log1p(np.exp(d - top[:, None]).sum(axis=1) + np.expm1(-top))
+        return float(total(nll.sum()))
+
+    lo, hi = np.log(SCALE_MIN), np.log(SCALE_MAX)
+    ratio = (np.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    while hi - lo > 1e-3:  # 0.1% of the scale
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = loss(b)
+    return float(np.exp((lo + hi) / 2))
+
+
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
 def imprinter(model: Any, cfg: DataConfig, *, train_examples: int, seed: int,
+              scale: float | None = None,
               max_examples: int = MAX_EXAMPLES) -> Callable[[dict], dict]:
     """variables (backbone loaded) -> the imprinted `fc` params, for `load_weights`'s
     `head_init`. The features are the backbone's as loaded (eval mode: its running
@@ -63,7 +119,7 @@ def imprinter(model: Any, cfg: DataConfig, *, train_examples: int, seed: int,
                                    train_examples=train_examples, max_examples=max_examples)
         num_classes = int(variables["params"]["fc"]["bias"].shape[0])
         dtype = variables["params"]["fc"]["kernel"].dtype
-        params = class_mean_head(got["features"], got["labels"], num_classes, total=total)
+        params = class_mean_head(got["features"], got["labels"], num_classes, scale, total)
         return {k: jnp.asarray(v, dtype) for k, v in params.items()}
 
     return head

@@ -6,7 +6,8 @@ plans anything, so the workdir's config.json records what ran.
 Kolesnikov et al., ECCV 2020), chosen on the transfer benchmark (experiments/transfer,
 "Choosing auto"), where it was tested on held-out labelled subsets:
 - an imprinted head (the normalised class means of the training set's features, Qi et al.
-  2018): fine-tuning starts from a nearest-class-mean classifier, not from chance;
+  2018): fine-tuning starts from a nearest-class-mean classifier, not from chance, as
+  confident as its leave-one-out predictions on the training set warrant (`jaxsft.imprint`);
 - SGD momentum 0.9 at lr 0.01 for every layer (a faster head hurt on the benchmark), a
   linear warm-up over the first 10% of the steps, then cosine decay;
 - BatchNorm on batch statistics with torch's momentum, no mixup (both hurt short runs);

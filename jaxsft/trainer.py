@@ -138,7 +138,8 @@ def initial_state(cfg: Config, plan: Plan, pretrained: bool = True) -> TrainStat
         head_init = cfg.model.head_init
         if head_init == "imprint":
             head_init = imprint.imprinter(model, cfg.data, seed=cfg.run.seed,
-                                          train_examples=plan.info.train_examples)
+                                          train_examples=plan.info.train_examples,
+                                          scale=cfg.model.imprint_scale)
         return state_of(load_weights(cfg.model.weights, cfg.model.model,
                                      num_classes=plan.num_classes, rng=init_rng,
                                      head_init=head_init, new_head=cfg.model.new_head))

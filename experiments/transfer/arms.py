@@ -27,6 +27,9 @@ ARMS: dict[str, dict] = {
     # jaxsft's `--recipe auto` (jaxsft/recipes.py), chosen from CANDIDATES below on the
     # development seeds and tested on fresh ones (README, "Choosing auto").
     "auto": dict(recipe="auto"),
+    # auto as protocols 2-3 tested it: the imprinted head at the fixed scale 10, before its
+    # scale was fitted (protocol 4); those tables' "auto" cells are this arm's.
+    "auto-s10": dict(recipe="auto", imprint_scale=10.0),
 }
 
 
@@ -46,6 +49,9 @@ CANDIDATES: dict[str, dict] = {
     "imprint-cos": dict(ZERO_COSINE, lr=0.01, head_init="imprint"),
     "imprint-cos-x2": dict(ZERO_COSINE, lr=0.01, head_init="imprint", length=2),
     "imprint-lp": dict(recipe="linear-probe", lr=0.01, head_init="imprint"),
+    # auto with the imprinted head's scale fitted by leave-one-out (protocol 4's candidate,
+    # explored on development seeds under its own name; the same settings as "auto" now).
+    "auto-fit": dict(recipe="auto"),
 }
 
 

@@ -1,10 +1,10 @@
 """Does `python -m jaxsft.select` rank pretrained candidates the way fine-tuning does?
 
-    python -m experiments.selection.run [--quick]
+    python -m experiments.selection.run [--table digits|lfw] [--quick]
 
 pretrains and exports the zoo (zoo.py), scores every candidate with jaxsft.select on each
 target's training images, fine-tunes every candidate on each target through `fit` (3 seeds),
-and writes experiments/selection/results/digits[_quick].{json,md}. Everything is cached in
+and writes experiments/selection/results/<table>[_quick].{json,md}. Everything is cached in
 --workdir and the JSON: a stopped run resumes where it was (--fresh starts over).
 """
 
@@ -19,19 +19,22 @@ from pathlib import Path
 from experiments.transfer.arms import ARMS
 
 RESULTS = Path(__file__).parent / "results"
-TABLE = "digits"
 # The ground truth's fine-tuning (protocol 2): jaxsft's default for a weights file, --recipe
 # auto, as long as auto chooses; the random candidate, which auto cannot start (it imprints
 # the head from source features), gets the transfer benchmark's scratch arm for as long.
 # Protocol 1 used the seed's loop, dict(lr=0.01), for all (results/digits_seed-loop.*).
 # Auto as it was when protocol 2 ran: the imprinted head at the fixed scale 10 (the transfer
 # benchmark's arm "auto-s10"; auto has fitted the scale since its protocol 4).
-FINETUNE = {"pretrained": ARMS["auto-s10"], "random": ARMS["scratch"], "length": "auto"}
-BUDGETS = (10, None)  # labels per class; None: all (1,297 images)
+# LFW (protocol 3) is fine-tuned with auto as it is now, the scale fitted.
+FINETUNE = {"digits": {"pretrained": ARMS["auto-s10"], "random": ARMS["scratch"],
+                       "length": "auto"},
+            "lfw": {"pretrained": ARMS["auto"], "random": ARMS["scratch"], "length": "auto"}}
+BUDGETS = (10, None)  # labels per class; None: all (digits: 1,297 images; LFW: 100)
 SEEDS = (0, 1, 2)
 SCORE_SEED = 0  # the scores see one training set, as a user holds one: seed 0's subset
 RANK_BY = "logme"  # the recommended score: jaxsft.select's default --rank-by
-QUICK = dict(budgets=(2, 10), seeds=(0,), steps=4)  # small targets: seconds to score
+QUICK = dict(budgets={"digits": (2, 10), "lfw": (5, 10)},  # small targets: seconds to score
+             seeds=(0,), steps=4)  # (LFW: batch 8 needs 8 training images)
 
 
 def _label(budget: int | None) -> str:
@@ -57,18 +60,18 @@ def score_target(zoo: list[dict], data: Path, workdir: Path,
     return result
 
 
-def finetune_candidate(candidate: dict, budget: int | None, seed: int, workdir: Path,
-                       steps: int | None) -> dict:
+def finetune_candidate(table: str, candidate: dict, budget: int | None, seed: int,
+                       workdir: Path, steps: int | None) -> dict:
     """One ground-truth run: auto from the candidate's file (random: the scratch arm)."""
     from experiments.transfer.run import finetune, target_data
 
-    data = target_data(TABLE, budget, seed, workdir)
+    data = target_data(table, budget, seed, workdir)
     random = candidate["weights"] == "random"
-    arm = FINETUNE["random" if random else "pretrained"]
+    arm = FINETUNE[table]["random" if random else "pretrained"]
     run = workdir / "cells" / f"{candidate['name']}_{data.name}"
     row = finetune(candidate["arch"], arm, data, seed, run=run, steps=steps,
                    weights=None if random else Path(candidate["weights"]),
-                   length=FINETUNE["length"])
+                   length=FINETUNE[table]["length"])
     return {"candidate": candidate["name"], "budget": _label(budget), **row}
 
 
@@ -79,10 +82,10 @@ def _save(record: dict, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def _load(out: Path, fresh: bool) -> dict:
+def _load(out: Path, fresh: bool, finetune: dict) -> dict:
     """The record so far; runs of another FINETUNE recipe are dropped (a stale truth)."""
     record = {} if fresh or not out.exists() else json.loads(out.read_text())
-    if record.get("finetune") != FINETUNE:
+    if record.get("finetune") != finetune:
         record["runs"] = []
     record.setdefault("scores", {})
     return record
@@ -97,7 +100,7 @@ def run_scores(record: dict, zoo: list[dict], budgets, workdir: Path, out: Path)
         kept = record["scores"].get(_label(budget))
         if kept and sorted(r["name"] for r in kept["candidates"]) == sorted(names):
             continue
-        data = target_data(TABLE, budget, SCORE_SEED, workdir)
+        data = target_data(record["table"], budget, SCORE_SEED, workdir)
         record["scores"][_label(budget)] = score_target(zoo, data, workdir)
         _save(record, out)
 
@@ -112,7 +115,8 @@ def run_truth(record: dict, zoo: list[dict], budgets, seeds, workdir: Path, out:
             for candidate in zoo:
                 if (candidate["name"], _label(budget), seed) in done:
                     continue
-                row = finetune_candidate(candidate, budget, seed, workdir, steps)
+                row = finetune_candidate(record["table"], candidate, budget, seed, workdir,
+                                         steps)
                 print(f"RUN {json.dumps(row)}", flush=True)
                 record["runs"].append(row)
                 _save(record, out)
@@ -126,6 +130,8 @@ def _identity(zoo: list[dict]) -> list[tuple]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--table", choices=sorted(FINETUNE), default="digits",
+                   help="the target: digits, or LFW's faces vs non-faces (protocol 3)")
     p.add_argument("--quick", action="store_true",
                    help="the pipeline in minutes: 3 candidates, 6 pretraining steps, 1 seed, "
                    "2 and 10 labels per class")
@@ -144,15 +150,17 @@ def main(argv=None) -> None:
 
     workdir = Path(args.workdir) / ("quick" if args.quick else "")
     workdir.mkdir(parents=True, exist_ok=True)
-    out = Path(args.results) / f"{TABLE}{'_quick' if args.quick else ''}.json"
-    budgets, seeds, steps = ((QUICK["budgets"], QUICK["seeds"], QUICK["steps"]) if args.quick
+    out = Path(args.results) / f"{args.table}{'_quick' if args.quick else ''}.json"
+    budgets, seeds, steps = ((QUICK["budgets"][args.table], QUICK["seeds"], QUICK["steps"])
+                             if args.quick
                              else (BUDGETS, SEEDS, None))
     started = time.perf_counter()
-    record = _load(out, args.fresh)
+    record = _load(out, args.fresh, FINETUNE[args.table])
     candidates = zoo.candidates(workdir, quick=args.quick)
     if _identity(record.get("zoo", [])) != _identity(candidates):
         record["scores"] = {}  # a rebuilt zoo that differs: its scores are computed anew
-    record.update(table=TABLE, quick=args.quick, finetune=FINETUNE, rank_by=RANK_BY,
+    record.update(table=args.table, quick=args.quick, finetune=FINETUNE[args.table],
+                  rank_by=RANK_BY,
                   budgets=[_label(b) for b in budgets], seeds=list(seeds),
                   score_seed=SCORE_SEED, compilation_cache=str(cache), onednn="off",
                   zoo=candidates)

@@ -88,6 +88,44 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def difference(record: dict, a: str, b: str, budget) -> tuple[float, float, float]:
+    """(arm a's mean top-1 minus arm b's at a budget, its standard error, the paired one: the
+    same seed draws the same labelled subset for every arm, so per-seed differences cancel
+    its luck)."""
+    c = cells(record)
+    x, y = c[a, budget], c[b, budget]
+    se = np.sqrt(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y)) \
+        if min(len(x), len(y)) > 1 else float("nan")
+    by_seed = {(r["arm"], r["budget"], r["seed"]): 100 * r["top1"] for r in record["runs"]}
+    seeds = sorted({s for (arm, bud, s) in by_seed if arm == a and bud == budget}
+                   & {s for (arm, bud, s) in by_seed if arm == b and bud == budget})
+    diffs = [by_seed[a, budget, s] - by_seed[b, budget, s] for s in seeds]
+    paired = np.std(diffs, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return float(np.mean(x) - np.mean(y)), se, paired
+
+
+def paired_table(record: dict, candidate: str = "auto") -> str:
+    """The candidate against every other arm, per budget: the difference of means and that
+    difference in paired standard errors."""
+    c = cells(record)
+    budgets = sorted({r["budget"] for r in record["runs"]},
+                     key=lambda b: float("inf") if b is None else b)
+    others = [a for a in dict.fromkeys(r["arm"] for r in record["runs"]) if a != candidate]
+    lines = ["| labels per class | " + " | ".join(f"{candidate} - {a}" for a in others) + " |",
+             "| --- |" + " ---: |" * len(others)]
+    for b in budgets:
+        row = [_label(b)]
+        for a in others:
+            if (candidate, b) not in c or (a, b) not in c:
+                row.append("")
+                continue
+            d, _, paired = difference(record, candidate, a, b)
+            row.append(f"{d:+.1f} (the same on every seed)" if paired == 0 else
+                       f"{d:+.1f} ({d / paired:+.1f} paired se)")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def auto_check(record: dict, candidate: str = "bit") -> str:
     """The protocol's test of a candidate `auto` arm, per budget: its lead over scratch and
     the seed's recipe in units of the standard error of the difference of means (> 2 wanted at
@@ -97,21 +135,6 @@ def auto_check(record: dict, candidate: str = "bit") -> str:
                      key=lambda b: float("inf") if b is None else b)
     arms = list(dict.fromkeys(r["arm"] for r in record["runs"]))
 
-    by_seed = {(r["arm"], r["budget"], r["seed"]): 100 * r["top1"] for r in record["runs"]}
-
-    def gap(a: str, b: str, budget) -> tuple[float, float, float]:
-        """(difference of means, its standard error, the paired one: the same seed draws
-        the same labelled subset for every arm, so per-seed differences cancel its luck)."""
-        x, y = c[a, budget], c[b, budget]
-        se = np.sqrt(np.var(x, ddof=1) / len(x) + np.var(y, ddof=1) / len(y)) \
-            if min(len(x), len(y)) > 1 else float("nan")
-        seeds = sorted({s for (arm, bud, s) in by_seed if arm == a and bud == budget}
-                       & {s for (arm, bud, s) in by_seed if arm == b and bud == budget})
-        diffs = [by_seed[a, budget, s] - by_seed[b, budget, s] for s in seeds]
-        paired = np.std(diffs, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 \
-            else float("nan")
-        return np.mean(x) - np.mean(y), se, paired
-
     lines = [f"| labels per class | {candidate} - scratch | {candidate} - seed | best arm | "
              f"best - {candidate} |", "| --- | ---: | ---: | --- | ---: |"]
     for b in budgets:
@@ -120,12 +143,13 @@ def auto_check(record: dict, candidate: str = "bit") -> str:
         row = [_label(b)]
         for other in ("scratch", "seed"):
             if (other, b) in c:
-                d, se, paired = gap(candidate, other, b)
+                d, se, paired = difference(record, candidate, other, b)
                 row.append(f"{d:+.1f} ({d / se:+.1f} se, {d / paired:+.1f} paired)")
             else:
                 row.append("")
         best = max((a for a in arms if (a, b) in c), key=lambda a: np.mean(c[a, b]))
-        d, se, paired = gap(best, candidate, b) if best != candidate else (0.0, 1.0, 1.0)
+        d, se, paired = (difference(record, best, candidate, b) if best != candidate
+                         else (0.0, 1.0, 1.0))
         row += [best, f"{d:.1f} ({d / se:.1f} se, {d / paired:.1f} paired)"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("\nse: the standard error of the difference of the two means over seeds; "
@@ -140,6 +164,7 @@ def write(record: dict, stem: Path) -> None:
         if any(r["arm"] == candidate for r in record["runs"]):
             text += f"\n\nThe candidate `auto` ({candidate}) against the protocol's test:" \
                 f"\n\n" + auto_check(record, candidate)
+            text += f"\n\n{candidate} against every arm:\n\n" + paired_table(record, candidate)
             break
     stem.with_suffix(".md").write_text(text + "\n")
     plot(record, stem.with_suffix(".png"))

@@ -332,7 +332,8 @@ def test_gpu_run_script_smoke(tmp_path):
     batch 4): every stage of the GPU session runs and writes its JSON, no TensorFlow. About
     2 minutes on an idle 2-core CPU (4 under load): slow-marked."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAXSFT_GPU_TINY="1", OUT=str(tmp_path))
+    env.update(JAX_PLATFORMS="cpu", JAXSFT_GPU_TINY="1", OUT=str(tmp_path),
+               PYTHON=sys.executable)  # the suite's interpreter, activated or not
     proc = subprocess.run(["bash", "benchmarks/gpu_run.sh"], cwd=ROOT, capture_output=True,
                           text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

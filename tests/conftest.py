@@ -25,18 +25,20 @@ except ImportError:
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Each test file's seconds in one worker (`pytest --durations=70`, summed per file, on a loaded
-# 2-core machine, 2026-11-30). With `--no-loadscope-reorder` (pyproject) xdist hands the files
-# out in collection order, so the heaviest go first and the light ones fill the gaps at the end
-# (longest first); xdist's own order (most tests first) left a 2-test file running alone for
-# the last minutes. A stale figure costs balance, never a test.
+# Each test file's seconds in one worker (`pytest --durations=0`, summed per file, on an idle
+# 2-core machine at optimisation level 1, 2026-11-30). With `--no-loadscope-reorder`
+# (pyproject) xdist hands the files out in collection order, so the heaviest go first and the
+# light ones fill the gaps at the end (longest first); xdist's own order (most tests first)
+# left a 2-test file running alone for the last minutes. A stale figure costs balance, never
+# a test.
 FILE_SECONDS = {
-    "test_train_e2e.py": 1490, "test_safety.py": 1000, "test_benchmarks.py": 790,
-    "test_experiments.py": 430, "test_models.py": 410, "test_parity.py": 390,
-    "test_multihost.py": 360, "test_selection_experiment.py": 350,
-    "test_train_recipes.py": 300, "test_steps.py": 190, "test_data.py": 170,
-    "test_parallel.py": 170, "test_select.py": 110, "test_auto_recipe.py": 110,
-    "test_sweep.py": 90, "test_imprint.py": 60, "test_data_tfds.py": 40, "test_convert.py": 35,
+    "test_train_e2e.py": 460, "test_safety.py": 220, "test_models.py": 200,
+    "test_multihost.py": 185, "test_data.py": 155, "test_benchmarks.py": 140,
+    "test_train_recipes.py": 127, "test_selection_experiment.py": 118, "test_parity.py": 115,
+    "test_experiments.py": 107, "test_select.py": 61, "test_steps.py": 47,
+    "test_convert.py": 37, "test_conv.py": 32, "test_recipes.py": 32, "test_auto_recipe.py": 26,
+    "test_parallel.py": 23, "test_weights.py": 23, "test_imprint.py": 16, "test_sweep.py": 15,
+    "test_export.py": 12, "test_data_tfds.py": 12, "test_device_cache.py": 10,
 }
 
 

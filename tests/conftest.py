@@ -5,11 +5,12 @@ directory."""
 import os
 import tempfile
 
+from fast_compile import FAST_COMPILE
+
 # Multi-device code paths (pmap, sharding) run on the CPU with forced host devices, compiled
-# at XLA's backend optimisation level 1 (helpers.FAST_COMPILE: about half the compile time).
+# at XLA's backend optimisation level 1 (fast_compile.py: about half the compile time).
 # This must happen before JAX initialises its backends, at conftest import time.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
-                      "--xla_backend_optimization_level=1")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the CPU-only tests never claim a GPU
 

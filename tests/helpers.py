@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from fast_compile import FAST_COMPILE
 from PIL import Image
 
 from jaxsft import data
@@ -142,13 +143,6 @@ def check_topology_invariance(cfg: DataConfig, steps: int) -> list[dict]:
     return one
 
 
-# XLA's backend (LLVM) at optimisation level 1: a test's time is mostly compiling, which this
-# roughly halves (a 2-step ResNet-18 fit: 31 -> 19 s here), while the float64 parity tests'
-# long runs stay as fast as at the default level 2 (level 0 made them 3.5x slower). What is
-# computed is the same up to rounding, and speed is measured by benchmarks/, never by a test.
-# conftest sets it for the test processes and their children; tests that build their own
-# XLA_FLAGS add it.
-FAST_COMPILE = "--xla_backend_optimization_level=1"
 
 
 def run_quick_experiment(module: str, tmp_path: Path) -> Path:

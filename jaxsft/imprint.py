@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from jaxsft.config import DataConfig
+from jaxsft.transferability import golden_section
 
 SCALE = 10.0  # where no class has two examples to leave one out (1 label per class)
 SCALE_MIN, SCALE_MAX = 0.1, 100.0  # the fitted scale's range: a separable set has no optimum
@@ -77,25 +78,8 @@ def fitted_scale(x: np.ndarray, units: np.ndarray, labels: np.ndarray, sums: np.
         nll = top + np.log1p(np.exp(d - top[:, None]).sum(axis=1) + np.expm1(-top))
         return float(total(nll.sum()))
 
-    return float(np.exp(_golden_section_min(loss, np.log(SCALE_MIN), np.log(SCALE_MAX))))
-
-
-def _golden_section_min(f: Callable[[float], float], lo: float, hi: float,
-                        tol: float = 1e-3) -> float:
-    """The minimiser of a unimodal `f` on [lo, hi], to `tol`."""
-    ratio = (np.sqrt(5) - 1) / 2
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = f(a), f(b)
-    while hi - lo > tol:
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = hi - ratio * (hi - lo)
-            fa = f(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = f(b)
-    return (lo + hi) / 2
+    return float(np.exp(golden_section(lambda u: -loss(u), np.log(SCALE_MIN),
+                                       np.log(SCALE_MAX), tol=1e-3)))  # 0.1%
 
 
 def _unit_rows(a: np.ndarray) -> np.ndarray:

@@ -72,23 +72,32 @@ def _log_evidence(u: np.ndarray, x2: np.ndarray, rest: float, sigma: np.ndarray,
     return value / n
 
 
-def _maximise(fun, lo: float, hi: float, points: int = 513, iterations: int = 100) -> float:
-    """The maximum of a smooth 1-D function on [lo, hi]: the best of a grid, then a
-    golden-section search between that point's neighbours."""
+def golden_section(fun, lo: float, hi: float, tol: float) -> float:
+    """The argmax, to `tol`, of a function of one float that is unimodal on [lo, hi]: each
+    step keeps the better of two interior points and reuses it (the golden ratio's job)."""
+    ratio = (np.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = fun(a), fun(b)
+    while hi - lo > tol:
+        if fa >= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = fun(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = fun(b)
+    return (lo + hi) / 2
+
+
+def _maximise(fun, lo: float, hi: float, points: int = 513) -> float:
+    """The maximum of a smooth 1-D function (vectorised over points) on [lo, hi]: the best of
+    a grid, then a golden-section search between that point's neighbours."""
     grid = np.linspace(lo, hi, points)
     i = int(np.argmax(fun(grid)))
     a, b = grid[max(i - 1, 0)], grid[min(i + 1, points - 1)]
-    ratio = (np.sqrt(5) - 1) / 2
-    for _ in range(iterations):
-        c, d = b - ratio * (b - a), a + ratio * (b - a)
-        fc, fd = fun(np.array([c, d]))
-        if fc >= fd:
-            b = d
-        else:
-            a = c
-        if b - a < 1e-12:
-            break
-    return float(max(fun(np.array([a, b, grid[i]]))))
+    best = golden_section(lambda u: float(fun(np.array([u]))[0]), a, b, 1e-12)
+    return float(max(fun(np.array([best, grid[i]]))))
 
 
 def _spectrum(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,11 +21,16 @@ def _label(budget) -> str:
     return "all" if budget is None else str(budget)
 
 
+def budgets_of(record: dict) -> list:
+    """The record's label budgets, smallest first; None (all labels) last."""
+    return sorted({r["budget"] for r in record["runs"]},
+                  key=lambda b: float("inf") if b is None else b)
+
+
 def markdown(record: dict) -> str:
     c = cells(record)
     arms = list(dict.fromkeys(r["arm"] for r in record["runs"]))
-    budgets = list(dict.fromkeys(r["budget"] for r in record["runs"]))
-    budgets.sort(key=lambda b: float("inf") if b is None else b)
+    budgets = budgets_of(record)
     best = {b: max((np.mean(c[a, b]) for a in arms if (a, b) in c), default=None)
             for b in budgets}
     diverged: dict = {}
@@ -65,8 +70,7 @@ def plot(record: dict, path: Path) -> None:
 
     c = cells(record)
     arms = list(dict.fromkeys(r["arm"] for r in record["runs"]))
-    budgets = sorted({r["budget"] for r in record["runs"]},
-                     key=lambda b: float("inf") if b is None else b)
+    budgets = budgets_of(record)
     xs = {b: (max(x for x in budgets if x is not None) * 4 if b is None else b)
           for b in budgets} if any(b is not None for b in budgets) else {None: 1}
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -108,8 +112,7 @@ def paired_table(record: dict, candidate: str = "auto") -> str:
     """The candidate against every other arm, per budget: the difference of means and that
     difference in paired standard errors."""
     c = cells(record)
-    budgets = sorted({r["budget"] for r in record["runs"]},
-                     key=lambda b: float("inf") if b is None else b)
+    budgets = budgets_of(record)
     others = [a for a in dict.fromkeys(r["arm"] for r in record["runs"]) if a != candidate]
     lines = ["| labels per class | " + " | ".join(f"{candidate} - {a}" for a in others) + " |",
              "| --- |" + " ---: |" * len(others)]
@@ -120,7 +123,7 @@ def paired_table(record: dict, candidate: str = "auto") -> str:
                 row.append("")
                 continue
             d, _, paired = difference(record, candidate, a, b)
-            row.append(f"{d:+.1f} (the same on every seed)" if paired == 0 else
+            row.append(f"{d:+.1f} (this difference on every seed)" if paired == 0 else
                        f"{d:+.1f} ({d / paired:+.1f} paired se)")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -131,8 +134,7 @@ def auto_check(record: dict, candidate: str = "bit") -> str:
     the seed's recipe in units of the standard error of the difference of means (> 2 wanted at
     <= 10 labels per class), and its gap to the best arm in the same unit (<= 1 wanted)."""
     c = cells(record)
-    budgets = sorted({r["budget"] for r in record["runs"]},
-                     key=lambda b: float("inf") if b is None else b)
+    budgets = budgets_of(record)
     arms = list(dict.fromkeys(r["arm"] for r in record["runs"]))
 
     lines = [f"| labels per class | {candidate} - scratch | {candidate} - seed | best arm | "

@@ -1,10 +1,13 @@
 """The imprinted head alone, before any training step: the nearest-class-mean accuracy that
-`--head-init imprint` starts fine-tuning from, on a target of the transfer benchmark.
+`--head-init imprint` starts fine-tuning from, on a target of the transfer benchmark, and how
+well its confidence suits the test images.
 
     python -m experiments.transfer.imprint_only [--table digits] [--seeds 0,1,2] [--budgets 1,5,10]
 
-writes results/<table>_resnet18_imprint_only.json and prints the top-1 per budget and seed.
-The head is `jaxsft.imprint.class_mean_head` of the exported source's features of the
+writes results/<table>_resnet18_imprint_only.json and prints, per budget and seed, the top-1,
+the scale `class_mean_head` fits (leave-one-out, training images only), the scale that would
+be best on the test images, and the test cross-entropy at the fixed scale 10 and at the fitted
+one. The head is `jaxsft.imprint.class_mean_head` of the exported source's features of the
 labelled images (eval preprocessing, the source's running statistics), exactly what `fit`
 builds; the test images are scored with the same features.
 """
@@ -20,12 +23,13 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 
 
-def top1(weights: Path, data: Path) -> float:
-    """Top-1 on data/test of the head imprinted on data/train, with no training step."""
+def probe(weights: Path, data: Path) -> dict[str, float]:
+    """The imprinted head of data/train scored on data/test, with no training step."""
     from jaxsft import features
     from jaxsft.config import DataConfig
-    from jaxsft.imprint import class_mean_head
+    from jaxsft.imprint import SCALE_MAX, SCALE_MIN, class_mean_head
     from jaxsft.models import create_model
+    from jaxsft.transferability import golden_section
     from jaxsft.weights import load_weights
 
     variables = load_weights(weights, "resnet18")
@@ -39,9 +43,24 @@ def top1(weights: Path, data: Path) -> float:
         return features.penultimate(apply, variables, cfg, train_examples=count)
 
     train, test = feats("train"), feats("test")
-    head = class_mean_head(train["features"], train["labels"], int(train["labels"].max()) + 1)
-    logits = test["features"] @ head["kernel"] + head["bias"]
-    return float((logits.argmax(1) == test["labels"]).mean())
+    classes = int(train["labels"].max()) + 1
+    unit = class_mean_head(train["features"], train["labels"], classes, scale=1.0)
+    fitted = class_mean_head(train["features"], train["labels"], classes)
+    logits = test["features"] @ unit["kernel"] + unit["bias"]  # at scale 1: linear in it
+
+    def cross_entropy(scale: float) -> float:
+        z = scale * logits
+        top = z.max(axis=1)
+        return float(np.mean(np.log(np.exp(z - top[:, None]).sum(axis=1)) + top
+                             - z[np.arange(len(z)), test["labels"]]))
+
+    scale = float(np.linalg.norm(fitted["kernel"]) / np.linalg.norm(unit["kernel"]))
+    best = np.exp(golden_section(lambda u: -cross_entropy(np.exp(u)), np.log(SCALE_MIN),
+                                 np.log(SCALE_MAX), tol=1e-3))
+    return {"top1": float((logits.argmax(1) == test["labels"]).mean()),
+            "fitted_scale": round(scale, 3), "best_test_scale": round(float(best), 3),
+            "test_cross_entropy_scale_10": round(cross_entropy(10.0), 4),
+            "test_cross_entropy_fitted": round(cross_entropy(scale), 4)}
 
 
 def main(argv=None) -> None:
@@ -62,10 +81,13 @@ def main(argv=None) -> None:
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
-            acc = top1(weights, target_data(args.table, budget, seed, workdir))
-            rows.append({"budget": budget, "seed": seed, "top1": acc})
-            print(f"imprinted head, {budget} labels per class, seed {seed}: {100 * acc:.1f}%",
-                  flush=True)
+            row = probe(weights, target_data(args.table, budget, seed, workdir))
+            rows.append({"budget": budget, "seed": seed, **row})
+            print(f"imprinted head, {budget} labels per class, seed {seed}: "
+                  f"{100 * row['top1']:.1f}%; scale fitted {row['fitted_scale']:.2f}, best on "
+                  f"the test images {row['best_test_scale']:.2f}; test cross-entropy "
+                  f"{row['test_cross_entropy_scale_10']:.2f} at 10, "
+                  f"{row['test_cross_entropy_fitted']:.2f} fitted", flush=True)
     out = Path(args.results) / f"{args.table}_resnet18_imprint_only.json"
     out.write_text(json.dumps({"source": str(weights), "runs": rows}, indent=1) + "\n")
     print(f"wrote {out}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from jaxsft import checkpoint, select
+from jaxsft import checkpoint, imprint, select, trainer
 from jaxsft.config import Config, ConfigError, DataConfig
 from jaxsft.imprint import SCALE, SCALE_MAX, class_mean_head
 from jaxsft.trainer import CHECKPOINT_DIR, fit
@@ -191,3 +191,25 @@ def test_a_run_starts_from_the_class_means_of_the_loaded_features(tmp_path):
     np.testing.assert_allclose(np.asarray(head["kernel"]), want["kernel"], rtol=1e-4,
                                atol=1e-6)
     np.testing.assert_allclose(np.asarray(head["bias"]), want["bias"], rtol=1e-4, atol=1e-6)
+
+
+def test_a_runs_imprint_scale_reaches_the_imprinter(tmp_path, monkeypatch):
+    """`--imprint-scale` is handed to the head's computation (its effect on the head is
+    class_mean_head's, tested above)."""
+    root = helpers.image_folder(tmp_path / "data", {"train": 4}, "ab", helpers.noise)
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def imprinter(*args, **kwargs):
+        seen.update(kwargs)
+        raise Seen
+
+    monkeypatch.setattr(imprint, "imprinter", imprinter)
+    cfg = Config().replace(dataset=f"folder:{root}", image_size=16, batch_size=4,
+                           weights="w.pth", head_init="imprint", imprint_scale=2.5,
+                           workdir=str(tmp_path / "run"))
+    with pytest.raises(Seen):
+        trainer.initial_state(cfg, trainer.make_plan(cfg))
+    assert seen["scale"] == 2.5

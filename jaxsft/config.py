@@ -34,7 +34,7 @@ RECIPES = ("auto", "seed", "full", "linear-probe", "lp-ft")
 HEAD_INITS = ("default", "zeros", "imprint")
 LR_SCALINGS = ("none", "linear")
 BN_MODES = ("train", "frozen")
-AUGMENTS = ("imagenet", "light", "none")
+AUGMENTS = ("imagenet", "light", "shift", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,8 @@ class DataConfig:
     crop_ratio: float = _field(0.875, "eval: resize the shorter side to size/ratio, centre crop")
     augment: str = _field(
         "imagenet",
-        "train augmentation: imagenet = RandomResizedCrop+flip, light = pad-and-crop+flip",
+        "train augmentation: imagenet = RandomResizedCrop+flip, light = pad-and-crop+flip, "
+        "shift = pad-and-crop without flip (digits, characters, text: a flip changes the class)",
         AUGMENTS,
     )
     batch_size: int = _field(64, "global batch size, split over all devices")

@@ -11,7 +11,12 @@ Kolesnikov et al., ECCV 2020), chosen on the transfer benchmark (experiments/tra
 - SGD momentum 0.9 at lr 0.01 for every layer (a faster head hurt on the benchmark), a
   linear warm-up over the first 10% of the steps, then cosine decay;
 - BatchNorm on batch statistics with torch's momentum, no mixup (both hurt short runs);
-- length: at least 80 steps and at least 2 epochs, unless --steps or --epochs is given.
+- length: at least 80 steps and at least 2 epochs, unless --steps or --epochs is given;
+- augmentation, unless --augment is given: `shift` (RandomCrop with padding, no flip) when
+  the run shows each training image at least 10 times, else `none`. Few images seen many
+  times are where shifted views helped (1-2 labels per class); at 6 epochs they cost points.
+  No flip: a rule from the data set's size cannot know whether a flip changes the class
+  (digits, characters, text), so `--augment light`/`imagenet` stay the user's choice.
 `seed`: SGD 0.01/0.9, constant, every layer, torch's head init, nothing else.
 
 Fields the user set keep their value: on the command line those given as flags (or in a
@@ -30,6 +35,7 @@ from jaxsft.data import steps_per_epoch as steps_per_epoch_of
 
 PRESETS = ("auto", "seed")
 MIN_STEPS, MIN_EPOCHS, WARMUP_SHARE = 80, 2, 0.1
+SHIFT_FROM_EPOCHS = 10  # auto augments (`shift`) runs that show each image this often
 
 SEED: dict[str, Any] = dict(
     recipe="full", optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0,
@@ -54,7 +60,7 @@ def resolve(cfg: Config, info: DatasetInfo, given: Collection[str] = ()) -> tupl
     keep = user_set(cfg, given) - {"recipe"}
     chosen = {k: v for k, v in (AUTO if recipe == "auto" else SEED).items() if k not in keep}
     if recipe == "auto":
-        chosen.update(_length(cfg, info, keep))
+        chosen.update(_sized(cfg, info, keep))
     before = to_flat(cfg)
     changed = {k: v for k, v in chosen.items() if k != "recipe" and before[k] != v}
     return cfg.replace(**chosen), f"recipe {recipe}: " + _describe(changed)
@@ -70,16 +76,25 @@ def warmup_epochs(steps: int, steps_per_epoch: int) -> float:
     return round(WARMUP_SHARE * steps) / steps_per_epoch
 
 
-def _length(cfg: Config, info: DatasetInfo, keep: set[str]) -> dict[str, Any]:
-    """auto's steps (unless --steps or --epochs is given) and its warm-up, in epochs."""
+def _sized(cfg: Config, info: DatasetInfo, keep: set[str]) -> dict[str, Any]:
+    """auto's steps (unless --steps or --epochs is given), its warm-up, in epochs, and its
+    augmentation (unless --augment is given)."""
     steps_per_epoch = steps_per_epoch_of(info, cfg.data)
     out: dict[str, Any] = {}
     if not {"steps", "epochs"} & keep:
         out["steps"] = auto_steps(info.train_examples, cfg.data.batch_size)
+    steps = out.get("steps") or cfg.run.total_steps(steps_per_epoch)
     if "warmup_epochs" not in keep:
-        steps = out.get("steps") or cfg.run.total_steps(steps_per_epoch)
         out["warmup_epochs"] = warmup_epochs(steps, steps_per_epoch)
+    if "augment" not in keep:
+        out["augment"] = auto_augment(steps, steps_per_epoch)
     return out
+
+
+def auto_augment(steps: int, steps_per_epoch: int) -> str:
+    """auto's augmentation for a `steps`-step run: shifted views once it repeats each image
+    SHIFT_FROM_EPOCHS times, none before."""
+    return "shift" if steps >= SHIFT_FROM_EPOCHS * steps_per_epoch else "none"
 
 
 def _describe(chosen: dict[str, Any]) -> str:

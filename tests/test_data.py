@@ -217,6 +217,30 @@ def test_train_crops_in_pipeline(tmp_path):
     assert rows_monotone.all()
 
 
+@pytest.mark.parametrize("augment", ["shift", "light"])
+def test_pad_and_crop_views_are_shifts_of_the_image(tmp_path, augment):
+    """shift and light: each view is the image zero-padded by size//8 and cropped at a random
+    offset (torchvision's RandomCrop(size, padding)); light also flips half of them, shift
+    never (a flipped digit or letter is another symbol)."""
+    y, x = np.mgrid[0:16, 0:16]
+    coded = np.stack([16 + 14 * x, 16 + 14 * y, np.full_like(x, 200)], -1).astype(np.uint8)
+    (tmp_path / "a").mkdir()
+    for i in range(20):
+        Image.fromarray(coded).save(tmp_path / "a" / f"{i}.png")
+    cfg = DataConfig(dataset=f"folder:{tmp_path}", image_size=16, crop_ratio=1.0,
+                     batch_size=16, augment=augment)
+    batches = data.train_batches(cfg, seed=5)
+    views = np.concatenate([np.round(pixels(next(batches)["image"])).reshape(-1, 16, 16, 3)
+                            for _ in range(4)])
+    padded = np.pad(coded.astype(np.float32), ((2, 2), (2, 2), (0, 0)))
+    windows = {(dy, dx, flip): padded[dy:dy + 16, dx:dx + 16, :][:, ::-1 if flip else 1]
+               for dy in range(5) for dx in range(5) for flip in (False, True)}
+    found = [next(k for k, w in windows.items() if np.array_equal(v, w)) for v in views]
+    assert len({(dy, dx) for dy, dx, _ in found}) > 10  # the offsets vary
+    flips = np.mean([flip for *_, flip in found])
+    assert (flips == 0) if augment == "shift" else (0.2 < flips < 0.8)
+
+
 # ---------------------------------------------------------------------- folders
 
 

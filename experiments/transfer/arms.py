@@ -1,8 +1,10 @@
 """The arms of the benchmark, each a dict of `jaxsft.config.Config` fields, and the training
 length every arm shares. Fixed (README, PROTOCOL) before any result was looked at.
 
-Every arm but `scratch` starts from the exported source file with `weights=source.safetensors,
-new_head=True`, exactly as a user fine-tunes torchvision weights.
+Every arm trains on the eval view of each image (`augment="none"`: flips make other symbols)
+unless it names its `augment`; None leaves it to `--recipe auto`. Every arm but `scratch`
+starts from the exported source file with `weights=source.safetensors, new_head=True`,
+exactly as a user fine-tunes torchvision weights.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ ARMS: dict[str, dict] = {
     "bit": dict(HEAD_X10, head_init="zeros", schedule="cosine", warmup="10%"),
     # jaxsft's `--recipe auto` (jaxsft/recipes.py), chosen from CANDIDATES below on the
     # development seeds and tested on fresh ones (README, "Choosing auto").
-    "auto": dict(recipe="auto"),
+    # Its augmentation too (augment=None: the benchmark's `none` is not passed, as a user
+    # who gives no --augment), from protocol 5 on.
+    "auto": dict(recipe="auto", augment=None),
+    # auto as protocols 2-4 ran it: the fitted imprint scale, the benchmark's augment none.
+    "auto-noaug": dict(recipe="auto"),
     # auto as protocols 2-3 tested it: the imprinted head at the fixed scale 10, before its
     # scale was fitted (protocol 4); those tables' "auto" cells are this arm's.
     "auto-s10": dict(recipe="auto", imprint_scale=10.0),
@@ -52,6 +58,11 @@ CANDIDATES: dict[str, dict] = {
     # auto with the imprinted head's scale fitted by leave-one-out (protocol 4's candidate,
     # explored on development seeds under its own name; the same settings as "auto" now).
     "auto-fit": dict(recipe="auto"),
+    # Shifted views of the few labelled images (`--augment shift`: RandomCrop with 4 px of
+    # black padding at 32x32, no flip, which would make other symbols), for auto and the
+    # seed's loop alike: does augmentation separate them at 1-2 labels per class?
+    "auto-shift": dict(recipe="auto", augment="shift"),
+    "seed-shift": dict(lr=0.01, augment="shift"),
 }
 
 

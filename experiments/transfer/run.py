@@ -100,11 +100,14 @@ def finetune(model: str, arm: dict, data: Path, seed: int, *, weights: Path | No
     started = time.perf_counter()
     diverged = None
     try:
-        fit(Config().replace(**{
+        settings = {
             "model": model, "dataset": f"folder:{data}", "image_size": 32, "augment": "none",
             "batch_size": arms.BATCH, "eval_batch_size": 100, "steps": steps,
             "eval_every": steps, "checkpoint_every": steps, "log_every": steps, "keep": 1,
-            "workdir": str(run), "seed": seed, "overwrite": True, **fields}))
+            "workdir": str(run), "seed": seed, "overwrite": True, **fields}
+        if settings["augment"] is None:  # left to --recipe auto: Config's default, unset
+            del settings["augment"]
+        fit(Config().replace(**settings))
         last = eval_rows(run)[-1]
         top1, count = float(last["top1"]), int(last["count"])
     except TrainingError as e:  # a non-finite loss: what a user gets is a failed run

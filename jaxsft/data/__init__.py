@@ -35,7 +35,8 @@ process reads only its own part of every batch).
 
 Preprocessing is torchvision's (jaxsft/data/transforms.py): train `imagenet` =
 RandomResizedCrop(size, (0.08, 1), (3/4, 4/3)) + horizontal flip, `light` = the eval view +
-RandomCrop(size, padding=size//8) + flip, `none` = the eval view; eval = Resize(size /
+RandomCrop(size, padding=size//8) + flip, `shift` = the same without the flip (symbols),
+`none` = the eval view; eval = Resize(size /
 crop_ratio) + CenterCrop(size); bilinear with antialiasing; grayscale and RGBA -> RGB.
 
 Reproducibility contract. The global training batch at step k is a function of (data set,

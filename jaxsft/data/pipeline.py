@@ -94,10 +94,11 @@ def _finish_fn(cfg: DataConfig, train: bool, cropped: bool) -> Callable[[dict], 
             if not cropped:
                 image = T.apply_window(image, T.imagenet_window(crop_key)(tf.shape(image)[:2]))
             image = T.random_flip(flip_key, T.crop_and_resize(image, size))
-        elif augment == "light":
+        elif augment in ("light", "shift"):
             crop_key, flip_key = T.subkeys(ex["key"], 2)
-            view = T.eval_view(image, size, ratio)
-            image = T.random_flip(flip_key, T.pad_and_crop(crop_key, view, size))
+            image = T.pad_and_crop(crop_key, T.eval_view(image, size, ratio), size)
+            if augment == "light":
+                image = T.random_flip(flip_key, image)
         else:
             image = T.eval_view(image, size, ratio)
         image = T.normalize(image) * tf.cast(ex["ok"], tf.float32)

@@ -55,7 +55,7 @@ def write_digits_target(root: Path, labels_per_class: int, seed: int = 0,
 
 
 def demo_config(workdir: Path, dataset: Path, **overrides: object) -> Config:
-    # No flips: a mirrored digit is another symbol (or none).
+    # No flips: a mirrored digit is another symbol (or none). The eval view for all but auto.
     base = dict(model="resnet18", dataset=f"folder:{dataset}", image_size=IMAGE_SIZE,
                 augment="none", batch_size=32, workdir=str(workdir), seed=0, log_every=5)
     return Config().replace(**{**base, **overrides})
@@ -85,8 +85,10 @@ def run(workdir: Path, *, pretrain_steps: int, labels_per_class: int,
     # The digits are 10 new classes for the 62-class head: --new-head. Every arm trains as
     # long as auto chooses.
     pretrained = dict(weights=str(exported), new_head=True)
-    arms = {"auto": dict(pretrained, recipe="auto"), "seed": dict(pretrained, recipe="seed"),
-            "scratch": SCRATCH}
+    # auto chooses its augmentation, as for a user who gives no --augment: the field back at
+    # its default is unset to it (shifted views when the run repeats each image 10+ times).
+    auto = dict(pretrained, recipe="auto", augment=Config().data.augment)
+    arms = {"auto": auto, "seed": dict(pretrained, recipe="seed"), "scratch": SCRATCH}
     fewshot = demo_config(workdir, fewshot_data, batch_size=FEWSHOT_BATCH,
                           **({"steps": finetune_steps} if finetune_steps else {}))
     steps = recipes.resolve(fewshot.replace(**arms["auto"]),

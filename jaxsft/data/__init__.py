@@ -36,8 +36,8 @@ process reads only its own part of every batch).
 Preprocessing is torchvision's (jaxsft/data/transforms.py): train `imagenet` =
 RandomResizedCrop(size, (0.08, 1), (3/4, 4/3)) + horizontal flip, `light` = the eval view +
 RandomCrop(size, padding=size//8) + flip, `shift` = the same without the flip (symbols),
-`none` = the eval view; eval = Resize(size /
-crop_ratio) + CenterCrop(size); bilinear with antialiasing; grayscale and RGBA -> RGB.
+`none` = the eval view; eval = Resize(size / crop_ratio) + CenterCrop(size); bilinear with
+antialiasing; grayscale and RGBA -> RGB.
 
 Reproducibility contract. The global training batch at step k is a function of (data set,
 split, preprocessing settings, seed s, global batch size, k) only, never of how many

@@ -41,6 +41,7 @@ _EXPORTS = {
     "logme": "jaxsft.transferability",
     "leep": "jaxsft.transferability",
     "nleep": "jaxsft.transferability",
+    "sfda": "jaxsft.transferability",
     "linear_probe_accuracy": "jaxsft.transferability",
     "knn_accuracy": "jaxsft.transferability",
 }

@@ -41,11 +41,12 @@ SCORES: dict[str, str] = {
     "logme": "LogME (You et al. 2021): evidence of a Bayesian linear model; seconds",
     "leep": "LEEP (Nguyen et al. 2020): from the source head's softmax; only with a head",
     "nleep": "N-LEEP (Li et al. 2021): LEEP on a Gaussian mixture of PCA features",
+    "sfda": "SFDA (Shao et al. 2022): true-class probability in a self-challenged Fisher space",
     "linear_probe": "5-fold logistic-regression accuracy on the features: slower, faithful",
     "knn": "leave-one-out 10-NN accuracy (cosine) on the features",
     "source_acc": "the weights' published or recorded source top-1 (a baseline ranking)",
 }
-DEFAULT_SCORES = ("logme", "leep", "nleep", "linear_probe", "knn", "source_acc")
+DEFAULT_SCORES = ("logme", "leep", "nleep", "sfda", "linear_probe", "knn", "source_acc")
 # ImageNet-1K acc@1 of torchvision's ResNet weights, from their `meta["_metrics"]` (offline),
 # by file name (the name `torchvision:<arch>.<ENUM>` resolves to).
 TORCHVISION_ACC1: dict[str, float] = {
@@ -167,6 +168,13 @@ def _cache_key(candidate: Candidate, cfg: DataConfig, max_examples: int | None,
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def features_path(candidate: Candidate, cfg: DataConfig, workdir: str, *,
+                  max_examples: int | None = None, seed: int = 0) -> Path:
+    """Where `cached_features` keeps a candidate's features under `workdir`."""
+    key = _cache_key(candidate, cfg, max_examples, seed)
+    return Path(workdir) / "features" / f"{candidate.arch}-{key}.npz"
+
+
 def cached_features(candidate: Candidate, cfg: DataConfig, workdir: str | None, *,
                     max_examples: int | None = None, seed: int = 0,
                     compiled: dict | None = None) -> Features:
@@ -174,8 +182,7 @@ def cached_features(candidate: Candidate, cfg: DataConfig, workdir: str | None, 
     if workdir is None:
         return extract_features(candidate, cfg, max_examples=max_examples, seed=seed,
                                 compiled=compiled)
-    key = _cache_key(candidate, cfg, max_examples, seed)
-    path = Path(workdir) / "features" / f"{candidate.arch}-{key}.npz"
+    path = features_path(candidate, cfg, workdir, max_examples=max_examples, seed=seed)
     if path.is_file():
         with np.load(path) as z:
             logits = z["logits"] if z["logits"].size else None
@@ -229,6 +236,8 @@ def score(name: str, got: Features, candidate: Candidate, seed: int = 0) -> floa
         return None if got.logits is None else T.leep(T.softmax(got.logits), y)
     if name == "nleep":
         return T.nleep(f, y, seed=seed)
+    if name == "sfda":
+        return T.sfda(f, y)
     if name == "linear_probe":
         return T.linear_probe_accuracy(f, y, seed=seed)
     if name == "knn":
@@ -259,12 +268,20 @@ def evaluate_candidate(candidate: Candidate, cfg: DataConfig, scores: Sequence[s
     row.update(examples=len(got.labels), dim=int(got.features.shape[1]), cached=got.cached,
                source_head=got.logits is not None)
     row["seconds"]["features"] = round(got.seconds, 3)
+    return add_scores(row, got, candidate, scores, seed)
+
+
+def add_scores(row: dict[str, Any], got: Features, candidate: Candidate,
+               scores: Sequence[str], seed: int = 0) -> dict[str, Any]:
+    """`scores` of a candidate's features into its row: each value (None where it does not
+    apply or the features do not allow it, the reason in `errors`) and its seconds."""
     for name in scores:
         started = time.perf_counter()
         try:
             row["scores"][name] = score(name, got, candidate, seed)
         except ValueError as e:
-            row["scores"][name], row["errors"][name] = None, str(e)
+            row["scores"][name] = None
+            row.setdefault("errors", {})[name] = str(e)
         row["seconds"][name] = round(time.perf_counter() - started, 3)
     return row
 

@@ -14,6 +14,10 @@ Higher is better for every score. None depends on the order of the feature colum
   head's softmax composed with the empirical P(target | source class). Needs a source head.
 - `nleep`: N-LEEP (Li et al., "Ranking Neural Checkpoints", CVPR 2021): LEEP with the source
   head replaced by a Gaussian mixture fitted to the PCA-reduced features.
+- `sfda`: SFDA (Shao et al., "Not All Models Are Equal: Predicting Model Transferability
+  in a Self-challenging Fisher Space", ECCV 2022): the mean probability of the true class under
+  a Fisher discriminant with a shrunk within-class scatter, refitted after each example is
+  pulled towards the other classes by its confidence ("ConfMix").
 - `linear_probe_accuracy`: k-fold cross-validated accuracy of an L2-regularised logistic
   regression on the standardised features (Kornblith et al., "Do Better ImageNet Models
   Transfer Better?", CVPR 2019, use this probe): slower, usually the most faithful.
@@ -25,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["knn_accuracy", "leep", "linear_probe_accuracy", "logme", "logme_evidences",
-           "nleep", "softmax"]
+           "nleep", "sfda", "softmax"]
 
 
 def _check(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -205,6 +209,101 @@ def nleep(features: np.ndarray, labels: np.ndarray, *, seed: int = 0,
     gmm = GaussianMixture(components, covariance_type="full", reg_covar=1e-4,
                           random_state=seed).fit(reduced)
     return leep(gmm.predict_proba(reduced), y)
+
+
+# ---------------------------------------------------------------------------- SFDA
+
+
+def _top_eigenvalue(a: np.ndarray, iterations: int = 3) -> float:
+    """The reference's estimate of a symmetric PSD matrix's largest eigenvalue (its
+    `utils.iterative_A`): power iteration from the row sums, two products per step, and
+    x^T A y of the last two unit iterates. Three steps are not converged: this is the value
+    the reference's shrinkage is a function of, kept as it is."""
+    x = a.sum(axis=1)
+    if not np.any(x):  # rows summing to zero (the reference divides 0 by 0: NaN)
+        return float(np.linalg.eigvalsh(a)[-1])  # the value the iteration estimates
+    for _ in range(iterations):
+        y = a @ x
+        y /= np.linalg.norm(y)
+        x = a @ y
+        x /= np.linalg.norm(x)
+    return float(x @ a @ y)
+
+
+def _class_means(f: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[C, D]: each class's mean feature (y: class indices 0..C-1, every class present)."""
+    counts = np.bincount(y)
+    means = np.zeros((len(counts), f.shape[1]))
+    np.add.at(means, y, f)
+    return means / counts[:, None]
+
+
+def _fisher_posterior(f: np.ndarray, y: np.ndarray, priors: np.ndarray,
+                      shrinkage: float | None) -> tuple[np.ndarray, float]:
+    """(P(class | x) [N, C] of every example, the shrinkage used): the reference's
+    `SFDA.fit(f, y).predict_proba(f)`; `shrinkage` None picks it from the scatter.
+
+    S_w = sum_c prior_c Cov_c (biased covariances) is shrunk towards its mean eigenvalue,
+    S = (1 - s) S_w + s tr(S_w) / D I, with s = max(exp(-5 lambda_max(S_w)), 1e-10) (the
+    reference's adaptive strength; it depends on the features' scale). The reference solves
+    the generalised eigenproblem S_b v = lambda S v and classifies with all D eigenvectors V:
+    coef = means V V^T. V^T S V = I makes V V^T = S^{-1}, so its "Fisher space" classifier is
+    linear discriminant analysis with the shrunk scatter, and its S_b (and the C - 1
+    components of the paper's projection) never reach the probabilities; one Cholesky solve
+    gives the same numbers."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    n, d = f.shape
+    means = _class_means(f, y)
+    centred = f - means[y]
+    within = centred.T @ centred / n  # sum_c (n_c / N) Cov_c, biased
+    mean_eigenvalue = np.trace(within) / d
+    if not mean_eigenvalue > 0:
+        raise ValueError("SFDA needs features that vary within a class; every class's "
+                         "examples have identical features")
+    if shrinkage is None:
+        shrinkage = max(float(np.exp(-5.0 * _top_eigenvalue(within))), 1e-10)
+    shrunk = (1.0 - shrinkage) * within
+    shrunk.flat[:: d + 1] += shrinkage * mean_eigenvalue
+    coef = cho_solve(cho_factor(shrunk), means.T).T  # means S^{-1}, [C, D]
+    logits = f @ coef.T - 0.5 * np.sum(means * coef, axis=1) + np.log(priors)
+    return softmax(logits), shrinkage
+
+
+def sfda(features: np.ndarray, labels: np.ndarray) -> float:
+    """SFDA (Shao et al., ECCV 2022), as the reference implementation (TencentARC/SFDA,
+    `metrics.SFDA_Score`) computes it; deterministic (no randomness to seed).
+
+    1. Fit the shrunk-scatter Fisher discriminant (`_fisher_posterior`, shrinkage chosen from
+       the within-class scatter) and take each example's class probabilities.
+    2. ConfMix, the "self-challenging" step: soften those probabilities by a second softmax
+       (the reference's softmax of probabilities, so the true class's weight p_i lies in
+       [1 / (e + C - 1), e / (e + C - 1)]) and replace every example x_i of class c by
+       p_i x_i + (1 - p_i) m_{-c}, m_{-c} the unweighted mean of the other classes' means:
+       every example is pulled towards the other classes, the less confident ones more.
+    3. Refit the discriminant on the mixed features with the first fit's shrinkage; the
+       score is the mean over examples of its probability of the true class (the reference
+       leaves out the log, "in case of instability").
+
+    Quirks kept: the shrinkage depends on the features' scale; with N < D + C examples the
+    within-class scatter is singular, and a shrinkage at its floor 1e-10 multiplies the class
+    means' part outside its range by ~1e10 D / tr(S_w), driving the probabilities to 0 or 1.
+    The reference indexes classes by label value (labels 0..C-1 assumed): here labels are
+    mapped to their rank among the labels present, the same for 0..C-1.
+    """
+    f, y = _check(features, labels)
+    classes, y = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"SFDA needs at least 2 classes, got {len(classes)}")
+    priors = np.bincount(y) / len(y)
+    probs, shrinkage = _fisher_posterior(f, y, priors, None)
+    confidence = softmax(probs)[np.arange(len(y)), y][:, None]
+    means = _class_means(f, y)
+    others = (means.sum(axis=0) - means) / (len(classes) - 1)
+    # the reference overwrites its input here; a copy keeps the caller's features intact
+    mixed = confidence * f + (1.0 - confidence) * others[y]
+    probs, _ = _fisher_posterior(mixed, y, priors, shrinkage)
+    return float(np.mean(probs[np.arange(len(y)), y]))
 
 
 # ---------------------------------------------------------------------------- probes

@@ -128,11 +128,13 @@ def test_the_candidate_that_resembles_the_target_ranks_first_and_features_are_ca
                                rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
     # a second run with other scores reads every candidate's features from the cache
-    code, out, err = _run([*argv[:-3], "nleep"], capsys)
+    code, out, err = _run([*argv[:-3], "nleep", "sfda", "--rank-by", "sfda"], capsys)
     assert code == 0, err
     again = json.loads((tmp_path / "r.json").read_text())
     assert all(r["cached"] for r in again["candidates"])
-    assert set(again["candidates"][0]["scores"]) == {"logme", "nleep"}
+    assert set(again["candidates"][0]["scores"]) == {"logme", "nleep", "sfda"}
+    assert again["rank_by"] == "sfda" and "ranked by sfda" in out
+    assert all(0 < r["scores"]["sfda"] <= 1 for r in again["candidates"])
     first = {r["spec"]: r["scores"]["logme"] for r in rows}
     assert {r["spec"]: r["scores"]["logme"] for r in again["candidates"]} == first
 

@@ -90,3 +90,113 @@ def test_quick_selection_study_runs_end_to_end_and_writes_its_tables(tmp_path):
         acc = {r["name"]: r["scores"]["source_acc"] for r in target["select"]["candidates"]}
         # export wrote each file's evaluated source top-1 into its header; select reads it
         assert acc == {c["name"]: c["source_top1"] for c in record["zoo"]}
+
+
+def _kept_record(tmp_path: Path) -> tuple[Path, Path, dict[tuple[str, str], tuple]]:
+    """A --quick record as the study leaves it, without running it: three candidates' features
+    in select's cache (one more candidate failed: no features), their select rows with LogME
+    and k-NN kept, fine-tuning runs, the summary. Returns (results dir, workdir, the
+    features and labels by (candidate, budget))."""
+    from experiments.selection import run
+    from jaxsft import select
+
+    workdir, results = tmp_path / "runs" / "quick", tmp_path / "res"
+    rng = np.random.default_rng(0)
+    names = ["random", "near", "far", "broken"]
+    zoo = [{"name": n, "arch": "resnet18", "weights": "random" if n == "random" else
+            f"zoo/{n}.safetensors", "source": None if n == "random" else "chars", "steps": 6,
+            "source_top1": None if n == "random" else 0.1 * (i + 1), "pretrain_s": 1.0}
+           for i, n in enumerate(names)]
+    features, scores = {}, {}
+    for label, per_class in (("2", 8), ("10", 20)):
+        cfg = run._score_config(workdir / "data" / f"digits_b{label}_s{run.SCORE_SEED}")
+        rows = []
+        for c, signal in zip(zoo, (0.0, 2.0, 0.5, None)):
+            candidate = select.Candidate(c["arch"], c["weights"])
+            if signal is None:
+                rows.append({"spec": candidate.spec, "arch": c["arch"], "weights": c["weights"],
+                             "scores": {}, "seconds": {}, "errors": {},
+                             "error": "no such file", "name": c["name"]})
+                continue
+            y = np.arange(3 * per_class) % 3
+            f = 0.1 * (rng.normal(size=(len(y), 12)) + signal * np.eye(3)[y] @ rng.normal(
+                size=(3, 12)))
+            path = select.features_path(candidate, cfg, str(workdir / "select"),
+                                        seed=run.SCORE_SEED)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, features=f.astype(np.float32), labels=y, seconds=0.5,
+                     logits=np.zeros((0, 0), np.float32), spec=candidate.spec)
+            features[c["name"], label] = (f.astype(np.float32), y)
+            row = select.evaluate_candidate(candidate, cfg, ["logme", "knn"],
+                                            workdir=str(workdir / "select"), seed=run.SCORE_SEED)
+            assert row["cached"] and row["error"] is None
+            rows.append({**row, "name": c["name"], "cached": False})  # as the study's first
+        scores[label] = {"dataset": cfg.dataset, "rank_by": run.RANK_BY,
+                         "candidates": select.rank(rows, run.RANK_BY)}
+    runs = [{"candidate": n, "budget": label, "seed": seed, "top1": top1 + 0.01 * seed,
+             "wall_s": 10.0}
+            for seed in (0, 1) for label in scores
+            for n, top1 in zip(names, (0.5, 0.9, 0.7, 0.6))]
+    record = {"table": "digits", "quick": True, "finetune": run.FINETUNE["digits"],
+              "rank_by": run.RANK_BY, "budgets": list(scores), "seeds": [0, 1],
+              "score_seed": run.SCORE_SEED, "zoo": zoo, "runs": runs, "scores": scores,
+              "wall_s": 100.0}
+    record["summary"] = report.summarise(record)
+    results.mkdir()
+    (results / "digits_quick.json").write_text(json.dumps(record, indent=1))
+    return results, workdir, features
+
+
+def test_add_scores_merges_only_the_new_scores_into_a_kept_record(tmp_path, capsys):
+    from experiments.selection import run
+    from jaxsft import transferability as T
+
+    results, workdir, features = _kept_record(tmp_path)
+    path = results / "digits_quick.json"
+    before = json.loads(path.read_text())
+    argv = ["--quick", "--workdir", str(tmp_path / "runs"), "--results", str(results)]
+    run.main([*argv, "--add-scores", "sfda"])
+    after = json.loads(path.read_text())
+
+    for label in before["budgets"]:
+        old = {r["name"]: r for r in before["scores"][label]["candidates"]}
+        for row in after["scores"][label]["candidates"]:
+            was = old[row["name"]]
+            if was["error"]:  # no features: the row stays as it was
+                assert row == was
+                continue
+            f, y = features[row["name"], label]
+            assert row["scores"] == {**was["scores"], "sfda": T.sfda(f, y)}
+            assert set(row["seconds"]) == {*was["seconds"], "sfda"}
+            assert {k: v for k, v in row["seconds"].items() if k != "sfda"} == was["seconds"]
+            assert {k: v for k, v in row.items() if k not in ("scores", "seconds")} == {
+                k: v for k, v in was.items() if k not in ("scores", "seconds")}
+        target, kept = after["summary"]["targets"][label], before["summary"]["targets"][label]
+        assert target["scores"]["sfda"]["tau_w"] is not None
+        assert {k: v for k, v in target["scores"].items() if k != "sfda"} == kept["scores"]
+    unchanged = ("runs", "zoo", "finetune", "budgets", "seeds", "rank_by")
+    assert {k: after[k] for k in unchanged} == {k: before[k] for k in unchanged}
+    assert after["summary"]["goal"] == before["summary"]["goal"]
+    assert after["wall_s"] >= before["wall_s"]
+    table = (results / "digits_quick.md").read_text()
+    assert "| sfda |" in table and "| logme |" in table
+
+    # again: nothing to add, nothing changes but the time spent
+    run.main([*argv, "--add-scores", "sfda", "logme"])
+    again = json.loads(path.read_text())
+    assert {**again, "wall_s": 0} == {**after, "wall_s": 0}
+
+    # features not cached, or not those the kept scores came from: stops, writes nothing
+    written = path.read_text()
+    cached = sorted((workdir / "select" / "features").glob("*.npz"))
+    with np.load(cached[0]) as z:
+        fields = dict(z)
+    other = fields["features"] + np.random.default_rng(1).normal(size=fields["features"].shape)
+    np.savez(cached[0], **{**fields, "features": other})
+    with pytest.raises(SystemExit, match="not those its kept scores came from"):
+        run.main([*argv, "--add-scores", "nleep"])
+    cached[0].unlink()
+    with pytest.raises(SystemExit, match="not cached"):
+        run.main([*argv, "--add-scores", "nleep"])
+    assert path.read_text() == written
+    capsys.readouterr()

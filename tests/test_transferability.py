@@ -110,3 +110,98 @@ def test_bad_inputs_are_one_clear_error():
         T.logme(f, y - 1)
     with pytest.raises(ValueError, match="all zero"):
         T.logme(np.zeros_like(f), y)
+
+
+# ---------------------------------------------------------------------------- SFDA
+
+
+def _direct_sfda(f: np.ndarray, y: np.ndarray) -> float:
+    """SFDA as the reference's formulas read (TencentARC/SFDA, metrics.SFDA_Score), the long
+    way: per-class covariance matrices, a 3-step power iteration, the shrunk total and within
+    scatters, the generalised eigenproblem S_b v = lambda S_w v (scipy.linalg.eigh) with all
+    D eigenvectors, explicit exponentials, ConfMix example by example."""
+    import scipy.linalg
+
+    classes = list(np.unique(y))
+    n, d = f.shape
+    priors = np.array([np.mean(y == c) for c in classes])
+
+    def posterior(x, shrinkage):
+        means = np.array([x[y == c].mean(axis=0) for c in classes])
+        within = sum(p * np.cov(x[y == c].T, bias=True) for p, c in zip(priors, classes))
+        if shrinkage is None:
+            v = within.sum(axis=1)
+            for _ in range(3):
+                u = within @ v / np.linalg.norm(within @ v)
+                v = within @ u / np.linalg.norm(within @ u)
+            shrinkage = max(np.exp(-5 * (v @ within @ u)), 1e-10)
+
+        def shrunk(m):
+            return (1 - shrinkage) * m + shrinkage * np.trace(m) / d * np.eye(d)
+
+        total, within = shrunk(np.cov(x.T, bias=True)), shrunk(within)
+        values, vectors = scipy.linalg.eigh(total - within, within)
+        vectors = vectors[:, np.argsort(values)[::-1]]
+        coef = means @ vectors @ vectors.T
+        logits = x @ coef.T - 0.5 * np.diag(means @ coef.T) + np.log(priors)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True), shrinkage
+
+    probs, shrinkage = posterior(f, None)
+    soft = np.exp(probs) / np.exp(probs).sum(axis=1, keepdims=True)
+    means = [f[y == c].mean(axis=0) for c in classes]
+    mixed = f.copy()
+    for i in range(n):
+        k = classes.index(y[i])
+        others = np.mean([m for j, m in enumerate(means) if j != k], axis=0)
+        mixed[i] = soft[i, k] * f[i] + (1 - soft[i, k]) * others
+    probs, _ = posterior(mixed, shrinkage)
+    return float(np.mean([probs[i, classes.index(y[i])] for i in range(n)]))
+
+
+@pytest.mark.parametrize("n,d,scale,signal", [(60, 20, 0.3, 0.4), (30, 80, 0.02, 0.2)],
+                         ids=["N>D", "N<D"])
+def test_sfda_matches_a_direct_computation_of_the_reference_formulas(n, d, scale, signal):
+    # scaled so that the shrinkage is above its floor and the probabilities unsaturated, and
+    # classes of unequal sizes (half of class 0 dropped): every step of the formula counts
+    f, y = _task(n, d, signal=signal)
+    keep = (y > 0) | (np.arange(n) < n // 2)
+    f, y = f[keep] * scale, y[keep]
+    assert np.bincount(y)[0] < np.bincount(y)[1] == np.bincount(y)[2]
+    want = _direct_sfda(f, y)
+    assert 0.4 < want < 0.95
+    assert T.sfda(f, y) == pytest.approx(want, rel=1e-10, abs=0)
+
+
+def test_sfda_ignores_the_order_of_examples_and_of_feature_columns():
+    f, y = _task(45, 10, signal=0.5, seed=3)
+    f = f * 0.2
+    rng = np.random.default_rng(0)
+    rows, columns = rng.permutation(len(y)), rng.permutation(f.shape[1])
+    base = T.sfda(f, y)
+    assert 0.4 < base < 0.95
+    assert T.sfda(f[rows], y[rows]) == pytest.approx(base, rel=1e-12)
+    assert T.sfda(f[:, columns], y) == pytest.approx(base, rel=1e-12)
+    assert T.sfda(f, 2 * y + 1) == pytest.approx(base, rel=1e-12)  # only the partition counts
+
+
+@pytest.mark.parametrize("n,d,scale", [(60, 20, 0.1), (30, 80, 0.05)], ids=["N>D", "N<D"])
+def test_sfda_scores_separated_classes_above_the_same_features_with_shuffled_labels(n, d, scale):
+    f, y = _task(n, d, signal=1.0)
+    f = f * scale
+    shuffled = np.random.default_rng(1).permutation(y)
+    assert T.sfda(f, y) > T.sfda(f, shuffled) + 0.1
+
+
+def test_sfda_bad_inputs_are_one_clear_error():
+    f, y = _task(10, 4)
+    with pytest.raises(ValueError, match=r"features \[N, D\] and labels \[N\]"):
+        T.sfda(f, y[:-1])
+    with pytest.raises(ValueError, match="NaN"):
+        T.sfda(np.full_like(f, np.nan), y)
+    with pytest.raises(ValueError, match="integers"):
+        T.sfda(f, y - 1)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        T.sfda(f, np.zeros_like(y))
+    with pytest.raises(ValueError, match="vary within a class"):
+        T.sfda(np.eye(3)[y] @ np.arange(12.0).reshape(3, 4), y)  # constant per class

@@ -1,11 +1,14 @@
 """Does `python -m jaxsft.select` rank pretrained candidates the way fine-tuning does?
 
     python -m experiments.selection.run [--table digits|lfw] [--quick]
+    python -m experiments.selection.run [--table digits|lfw] [--quick] --add-scores NAME...
 
 pretrains and exports the zoo (zoo.py), scores every candidate with jaxsft.select on each
 target's training images, fine-tunes every candidate on each target through `fit` (3 seeds),
 and writes experiments/selection/results/<table>[_quick].{json,md}. Everything is cached in
 --workdir and the JSON: a stopped run resumes where it was (--fresh starts over).
+--add-scores computes only the named scores, from the features select cached in --workdir,
+into the record's kept rows, and writes the report again: nothing else is recomputed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 from experiments.transfer.arms import ARMS
+from jaxsft.select import SCORES
 
 RESULTS = Path(__file__).parent / "results"
 # The ground truth's fine-tuning (protocol 2): jaxsft's default for a weights file, --recipe
@@ -41,15 +45,22 @@ def _label(budget: int | None) -> str:
     return "all" if budget is None else str(budget)
 
 
+def _score_config(data: Path):
+    """The DataConfig select scores a target's training split with."""
+    from jaxsft import config
+
+    return config.from_dict(dict(dataset=f"folder:{data}", image_size=32, augment="none",
+                                 batch_size=100)).data
+
+
 def score_target(zoo: list[dict], data: Path, workdir: Path,
                  scores: tuple[str, ...] | None = None) -> dict:
     """jaxsft.select on the target's training split: every candidate, every score (or
     `scores`), with the seconds each took (features cached in workdir/select, as --workdir
     caches them); each row named by its candidate."""
-    from jaxsft import config, select
+    from jaxsft import select
 
-    cfg = config.from_dict(dict(dataset=f"folder:{data}", image_size=32, augment="none",
-                                batch_size=100)).data
+    cfg = _score_config(data)
     specs = [select.Candidate(c["arch"], c["weights"]) for c in zoo]
     result = select.select(specs, cfg, scores=scores or select.DEFAULT_SCORES,
                            rank_by=RANK_BY, workdir=str(workdir / "select"), seed=SCORE_SEED)
@@ -122,6 +133,60 @@ def run_truth(record: dict, zoo: list[dict], budgets, seeds, workdir: Path, out:
                 _save(record, out)
 
 
+def add_scores(out: Path, names: list[str], workdir: Path) -> dict:
+    """Scores `names` of every candidate at every kept target from the features select
+    cached in workdir/select, merged into the kept rows (value, seconds, error as select
+    writes them; a score a row has already is left as it is); the record and its report
+    written again. Kept scores, the zoo and the fine-tuning runs are not touched: a row whose
+    features are not cached, or whose cached features do not give its kept LogME again,
+    stops it before anything is written."""
+    import numpy as np
+
+    from experiments.selection import report
+    from jaxsft import select
+    from jaxsft import transferability as T
+
+    if not out.exists():
+        raise SystemExit(f"{out}: no record to add scores to (run the study first)")
+    started = time.perf_counter()
+    record = json.loads(out.read_text())
+    cache = str(workdir / "select")
+    todo = []  # (row, candidate, features, names): all checked before any score is added
+    for label in record["budgets"]:
+        kept = record["scores"].get(label)
+        if not kept:
+            raise SystemExit(f"{out}: no kept scores at {label} labels per class")
+        # the folder experiments.transfer.run.target_data names (not written again: the
+        # features are read from the cache, which the folder's path keys)
+        cfg = _score_config(workdir / "data" / f"{record['table']}_b{label}_s{SCORE_SEED}")
+        for row in kept["candidates"]:
+            missing = [n for n in names if n not in row["scores"]]
+            if row["error"] or not missing:  # a failed candidate has no features
+                continue
+            candidate = select.Candidate(row["arch"], row["weights"])
+            path = select.features_path(candidate, cfg, cache, seed=SCORE_SEED)
+            if not path.is_file():
+                raise SystemExit(f"{row['name']} at {label} labels per class: its features "
+                                 f"are not cached ({path}); --add-scores extracts nothing")
+            got = select.cached_features(candidate, cfg, cache, seed=SCORE_SEED)
+            logme = row["scores"].get("logme")
+            if (got.features.shape != (row["examples"], row["dim"])
+                    or logme is not None and not np.isclose(
+                        T.logme(got.features, got.labels), logme, rtol=1e-9, atol=0)):
+                raise SystemExit(f"{row['name']} at {label} labels per class: the cached "
+                                 f"features ({path}) are not those its kept scores came from")
+            todo.append((row, candidate, got, missing))
+    for row, candidate, got, missing in todo:
+        select.add_scores(row, got, candidate, missing, seed=SCORE_SEED)
+        print(f"{row['name']}: " + ", ".join(f"{n} {row['scores'][n]}" for n in missing),
+              flush=True)
+    record["wall_s"] = round(record.get("wall_s", 0.0) + time.perf_counter() - started, 1)
+    record["summary"] = report.summarise(record)
+    _save(record, out)
+    out.with_suffix(".md").write_text(report.markdown(record))
+    return record
+
+
 def _identity(zoo: list[dict]) -> list[tuple]:
     """What the kept scores were computed on: the candidates and their source top-1 (a
     rebuilt zoo with the same held-out accuracies is the same pretraining, redone)."""
@@ -140,7 +205,18 @@ def main(argv=None) -> None:
     p.add_argument("--fresh", action="store_true", help="ignore scores and runs in the JSON")
     p.add_argument("--skip-truth", action="store_true",
                    help="zoo and scores only (the report then has no taus)")
+    p.add_argument("--add-scores", nargs="+", metavar="NAME", choices=list(SCORES),
+                   help="only these scores (of: %(choices)s), from the features cached in "
+                   "--workdir, added to the record's kept rows; then the report again")
     args = p.parse_args(argv)
+    workdir = Path(args.workdir) / ("quick" if args.quick else "")
+    out = Path(args.results) / f"{args.table}{'_quick' if args.quick else ''}.json"
+    if args.add_scores:  # numpy only: no JAX, no process settings
+        if args.fresh:
+            p.error("--add-scores adds to the kept record: not with --fresh")
+        add_scores(out, args.add_scores, workdir)
+        print(f"wrote {out}, {out.with_suffix('.md')}")
+        return
 
     os.environ["JAXSFT_ONEDNN"] = "off"  # XLA's own kernels: storable in the compilation cache
     from jaxsft.process import setup
@@ -148,9 +224,7 @@ def main(argv=None) -> None:
     cache = setup()
     from experiments.selection import report, zoo
 
-    workdir = Path(args.workdir) / ("quick" if args.quick else "")
     workdir.mkdir(parents=True, exist_ok=True)
-    out = Path(args.results) / f"{args.table}{'_quick' if args.quick else ''}.json"
     budgets, seeds, steps = ((QUICK["budgets"][args.table], QUICK["seeds"], QUICK["steps"])
                              if args.quick
                              else (BUDGETS, SEEDS, None))

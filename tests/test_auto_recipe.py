@@ -26,12 +26,12 @@ def auto(**fields) -> Config:
 
 
 @pytest.mark.parametrize("examples, steps, augment", [
-    (10, 80, "shift"), (64, 80, "shift"), (72, 80, "none"), (100, 80, "none"),
+    (10, 80, "shift"), (24, 80, "shift"), (32, 80, "none"), (100, 80, "none"),
     (320, 80, "none"), (1297, 324, "none")])
 def test_auto_trains_at_least_80_steps_and_2_epochs(examples, steps, augment):
     cfg, line = recipes.resolve(auto(), info(examples))
     assert cfg.run.steps == steps
-    assert cfg.data.augment == augment  # shifted views from 10 epochs on (64 images: 8 batches)
+    assert cfg.data.augment == augment  # shifted views from 25 epochs on (24 images: 3 batches)
     assert cfg.optim.warmup_epochs == round(0.1 * steps) / (examples // 8)  # 10% of the run
     assert (cfg.optim.recipe, cfg.optim.schedule, cfg.model.head_init) == (
         "full", "cosine", "imprint")
@@ -47,8 +47,8 @@ def test_auto_keeps_what_the_user_set():
         0.05, 3.0, None, "zeros")
     assert cfg.optim.warmup_epochs == round(0.1 * 36) / 12  # 10% of the user's 3 epochs
     assert cfg.data.augment == "light"
-    # The user's length decides auto's augmentation: 12 epochs of 100 images are shifted.
-    assert recipes.resolve(auto(epochs=12.0), info(100))[0].data.augment == "shift"
+    # The user's length decides auto's augmentation: 25 epochs of 100 images are shifted.
+    assert recipes.resolve(auto(epochs=25.0), info(100))[0].data.augment == "shift"
     # On the command line a flag given at its default value is the user's too.
     cfg, _ = recipes.resolve(auto(), info(10), given={"lr", "schedule", "augment"})
     assert (cfg.optim.lr, cfg.optim.schedule, cfg.model.head_init, cfg.data.augment) == (

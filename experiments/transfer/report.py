@@ -3,8 +3,8 @@ plot of one results JSON."""
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,9 +185,29 @@ def merged(paths: list[Path]) -> dict:
     return out
 
 
-if __name__ == "__main__":  # python -m experiments.transfer.report X.json [more seeds.json]
-    paths = [Path(a) for a in sys.argv[1:]]
-    record = merged(paths)
-    if len(paths) > 1:
-        paths[0].write_text(json.dumps(record, indent=1))
-    write(record, paths[0].with_suffix(""))
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="The table and plot of one or more results "
+                                "JSONs of the same table (several processes' seeds, merged).")
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, help="write the merged JSON (and .md/.png) here "
+                   "(default: over the first path, when there are several)")
+    p.add_argument("--arms", help="keep only these arms, e.g. auto,seed")
+    p.add_argument("--budgets", help="keep only these labels per class, e.g. 5,10,all")
+    args = p.parse_args(argv)
+    if (args.arms or args.budgets) and not args.out:
+        p.error("--arms/--budgets drop runs: give --out, so that no input JSON is overwritten")
+    record = merged(args.paths)
+    if args.arms:
+        record["arms"] = {a: record["arms"][a] for a in args.arms.split(",")}
+        record["runs"] = [r for r in record["runs"] if r["arm"] in record["arms"]]
+    if args.budgets:
+        keep = {None if b == "all" else int(b) for b in args.budgets.split(",")}
+        record["runs"] = [r for r in record["runs"] if r["budget"] in keep]
+    out = args.out or args.paths[0]
+    if out != args.paths[0] or len(args.paths) > 1 or args.arms or args.budgets:
+        out.write_text(json.dumps(record, indent=1))
+    write(record, out.with_suffix(""))
+
+
+if __name__ == "__main__":
+    main()

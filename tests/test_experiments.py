@@ -69,3 +69,32 @@ def test_quick_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
     assert "| auto |" in table and "**" in table
     assert (tmp_path / "res" / "digits_resnet18_quick.png").stat().st_size > 0
     assert (tmp_path / "runs" / "quick" / "source_resnet18.safetensors").exists()
+
+
+def test_report_merges_processes_and_filters_into_a_new_file_never_over_an_input(tmp_path):
+    """`python -m experiments.transfer.report A B --arms --budgets --out C`: C holds the kept
+    arms' and budgets' runs of both; A and B are untouched; a filter without --out is refused."""
+    from experiments.transfer import report
+
+    def record(seeds):
+        runs = [{"arm": arm, "budget": budget, "seed": s, "top1": 0.5 + 0.01 * s,
+                 "test_count": 100} for s in seeds for arm in ("auto", "seed", "scratch")
+                for budget in (5, None)]
+        return {"table": "lfw", "model": "resnet18", "runs": runs,
+                "arms": {"auto": {}, "seed": {}, "scratch": {}}}
+
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(record([1, 2])))
+    b.write_text(json.dumps(record([3, 4, 1])))  # seed 1 again: kept once
+    before = a.read_bytes(), b.read_bytes()
+    report.main([str(a), str(b), "--arms", "auto,seed", "--budgets", "5", "--out", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted((r["arm"], r["seed"]) for r in runs) == sorted(
+        (arm, s) for arm in ("auto", "seed") for s in (1, 2, 3, 4))
+    assert {r["budget"] for r in runs} == {5}
+    assert (a.read_bytes(), b.read_bytes()) == before
+    assert out.with_suffix(".md").is_file() and "seeds [1, 2, 3, 4]" in \
+        out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        report.main([str(a), "--arms", "auto"])
+    assert a.read_bytes() == before[0]

@@ -98,3 +98,21 @@ def test_report_merges_processes_and_filters_into_a_new_file_never_over_an_input
     with pytest.raises(SystemExit):
         report.main([str(a), "--arms", "auto"])
     assert a.read_bytes() == before[0]
+
+
+def test_current_auto_gathers_nine_fresh_seeds_per_budget_from_the_committed_results():
+    """experiments.transfer.current_auto: auto's current settings and the seed's loop on the
+    same 9 seeds at 1-10 labels per class, each cell once, from the arm that ran them."""
+    from experiments.transfer import current_auto
+
+    runs = current_auto.gathered()["runs"]
+    for budget, seeds in ((1, range(12, 21)), (2, range(12, 21)), (5, range(9, 18)),
+                          (10, range(9, 18))):
+        for arm in ("auto", "seed"):
+            got = sorted(r["seed"] for r in runs if r["arm"] == arm and r["budget"] == budget)
+            assert got == list(seeds), (arm, budget)
+    p6 = json.loads((current_auto.RESULTS / "digits_resnet18_auto-length_seeds181920_b12.json")
+                    .read_text())["runs"]
+    want = next(r["top1"] for r in p6 if (r["arm"], r["budget"], r["seed"]) == ("auto", 1, 18))
+    assert next(r["top1"] for r in runs if (r["arm"], r["budget"], r["seed"]) ==
+                ("auto", 1, 18)) == want

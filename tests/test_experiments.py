@@ -77,9 +77,9 @@ def test_report_merges_processes_and_filters_into_a_new_file_never_over_an_input
     from experiments.transfer import report
 
     def record(seeds):
-        runs = [{"arm": arm, "budget": budget, "seed": s, "top1": 0.5 + 0.01 * s,
-                 "test_count": 100} for s in seeds for arm in ("auto", "seed", "scratch")
-                for budget in (5, None)]
+        runs = [{"arm": arm, "budget": budget, "seed": s, "top1": 0.5 + 0.01 * s * (i + 1),
+                 "test_count": 100} for s in seeds
+                for i, arm in enumerate(("auto", "seed", "scratch")) for budget in (5, None)]
         return {"table": "lfw", "model": "resnet18", "runs": runs,
                 "arms": {"auto": {}, "seed": {}, "scratch": {}}}
 

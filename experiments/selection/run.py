@@ -120,6 +120,8 @@ def run_truth(record: dict, zoo: list[dict], budgets, seeds, workdir: Path, out:
               steps: int | None) -> None:
     """Every (seed, target, candidate) fine-tuning run not in the record yet, saved as it
     ends: seed 0 for every candidate first, so a stopped run has whole seeds."""
+    from experiments.transfer.run import release_compiled
+
     done = {(r["candidate"], r["budget"], r["seed"]) for r in record["runs"]}
     for seed in seeds:
         for budget in budgets:
@@ -128,6 +130,7 @@ def run_truth(record: dict, zoo: list[dict], budgets, seeds, workdir: Path, out:
                     continue
                 row = finetune_candidate(record["table"], candidate, budget, seed, workdir,
                                          steps)
+                release_compiled()
                 print(f"RUN {json.dumps(row)}", flush=True)
                 record["runs"].append(row)
                 _save(record, out)

@@ -434,7 +434,7 @@ def last_eval(workdir: Path) -> dict[str, Any] | None:
 def _run_trials(root: Path, record: dict[str, Any], configs: dict[str, Config],
                 write: Callable[[], None], say: Callable[[str], None]) -> None:
     """Trains every trial not yet recorded, in grid order, recording each as it ends."""
-    import jax
+    from jaxsft.compilation_cache import release_compiled
 
     todo = sorted(record["trials"], key=lambda r: r["index"])
     for r in todo:
@@ -444,10 +444,7 @@ def _run_trials(root: Path, record: dict[str, Any], configs: dict[str, Config],
             continue
         say(f"{label}: training in {root / r['workdir']}")
         r.update(_prefixed(run_trial(configs[r["name"]]), "val_"))
-        # JAX keeps every trial's compiled programs (~660 memory maps for a ResNet-18 run):
-        # ~90 trials would exhaust the kernel's 65,530 per process. The persistent
-        # compilation cache makes the next trial's compile a load.
-        jax.clear_caches()
+        release_compiled()  # else ~90 trials reach the kernel's memory-map limit
         write()
         say(f"{label}: {_summary(r)}")
 

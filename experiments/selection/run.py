@@ -120,7 +120,7 @@ def run_truth(record: dict, zoo: list[dict], budgets, seeds, workdir: Path, out:
               steps: int | None) -> None:
     """Every (seed, target, candidate) fine-tuning run not in the record yet, saved as it
     ends: seed 0 for every candidate first, so a stopped run has whole seeds."""
-    from experiments.transfer.run import release_compiled
+    from jaxsft.compilation_cache import release_compiled
 
     done = {(r["candidate"], r["budget"], r["seed"]) for r in record["runs"]}
     for seed in seeds:

@@ -133,15 +133,6 @@ def run_cell(table: str, model: str, arm_name: str, budget: int | None, seed: in
     return {"arm": arm_name, "budget": budget, **row}
 
 
-def release_compiled() -> None:
-    """Frees the programs a finished cell compiled. JAX keeps every fit's (~660 memory maps
-    for a ResNet-18 cell): one process stopped at cell 85 of the main table on the kernel's
-    65,530 maps. The persistent compilation cache makes the next cell's compile a load."""
-    import jax
-
-    jax.clear_caches()
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--table", choices=sorted(BUDGETS), default="digits")
@@ -165,6 +156,7 @@ def main(argv=None) -> None:
 
     cache = setup()
     from experiments.transfer import arms, report
+    from jaxsft.compilation_cache import release_compiled
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +202,7 @@ def main(argv=None) -> None:
                                weights=weights, workdir=workdir, steps=steps,
                                length=args.length)
                 print(f"CELL {json.dumps(row)}", flush=True)
-                release_compiled()
+                release_compiled()  # else ~90 cells reach the kernel's memory-map limit
                 record["runs"].append(row)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(record, indent=1))

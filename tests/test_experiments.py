@@ -97,7 +97,9 @@ def test_report_merges_processes_and_filters_into_a_new_file_never_over_an_input
         out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):
         report.main([str(a), "--arms", "auto"])
-    assert a.read_bytes() == before[0]
+    with pytest.raises(SystemExit):
+        report.main([str(a), str(b), "--budgets", "5", "--out", str(b)])
+    assert (a.read_bytes(), b.read_bytes()) == before
 
 
 def test_current_auto_gathers_nine_fresh_seeds_per_budget_from_the_committed_results():

@@ -98,6 +98,7 @@ def _kept_record(tmp_path: Path) -> tuple[Path, Path, dict[tuple[str, str], tupl
     and k-NN kept, fine-tuning runs, the summary. Returns (results dir, workdir, the
     features and labels by (candidate, budget))."""
     from experiments.selection import run
+    from experiments.transfer.run import target_dir
     from jaxsft import select
 
     workdir, results = tmp_path / "runs" / "quick", tmp_path / "res"
@@ -109,7 +110,7 @@ def _kept_record(tmp_path: Path) -> tuple[Path, Path, dict[tuple[str, str], tupl
            for i, n in enumerate(names)]
     features, scores = {}, {}
     for label, per_class in (("2", 8), ("10", 20)):
-        cfg = run._score_config(workdir / "data" / f"digits_b{label}_s{run.SCORE_SEED}")
+        cfg = run._score_config(target_dir("digits", int(label), run.SCORE_SEED, workdir))
         rows = []
         for c, signal in zip(zoo, (0.0, 2.0, 0.5, None)):
             candidate = select.Candidate(c["arch"], c["weights"])

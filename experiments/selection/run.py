@@ -146,6 +146,7 @@ def add_scores(out: Path, names: list[str], workdir: Path) -> dict:
     import numpy as np
 
     from experiments.selection import report
+    from experiments.transfer.run import target_dir
     from jaxsft import select
     from jaxsft import transferability as T
 
@@ -159,9 +160,9 @@ def add_scores(out: Path, names: list[str], workdir: Path) -> dict:
         kept = record["scores"].get(label)
         if not kept:
             raise SystemExit(f"{out}: no kept scores at {label} labels per class")
-        # the folder experiments.transfer.run.target_data names (not written again: the
-        # features are read from the cache, which the folder's path keys)
-        cfg = _score_config(workdir / "data" / f"{record['table']}_b{label}_s{SCORE_SEED}")
+        # target_data's folder, not written again: the cache is keyed by its path
+        budget = None if label == "all" else int(label)
+        cfg = _score_config(target_dir(record["table"], budget, SCORE_SEED, workdir))
         for row in kept["candidates"]:
             missing = [n for n in names if n not in row["scores"]]
             if row["error"] or not missing:  # a failed candidate has no features

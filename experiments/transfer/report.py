@@ -194,8 +194,8 @@ def main(argv=None) -> None:
     p.add_argument("--arms", help="keep only these arms, e.g. auto,seed")
     p.add_argument("--budgets", help="keep only these labels per class, e.g. 5,10,all")
     args = p.parse_args(argv)
-    if (args.arms or args.budgets) and not args.out:
-        p.error("--arms/--budgets drop runs: give --out, so that no input JSON is overwritten")
+    if (args.arms or args.budgets) and (not args.out or args.out in args.paths):
+        p.error("--arms/--budgets drop runs: give an --out that is not an input JSON")
     record = merged(args.paths)
     if args.arms:
         record["arms"] = {a: record["arms"][a] for a in args.arms.split(",")}
@@ -204,7 +204,7 @@ def main(argv=None) -> None:
         keep = {None if b == "all" else int(b) for b in args.budgets.split(",")}
         record["runs"] = [r for r in record["runs"] if r["budget"] in keep]
     out = args.out or args.paths[0]
-    if out != args.paths[0] or len(args.paths) > 1 or args.arms or args.budgets:
+    if args.out or len(args.paths) > 1:  # one JSON alone is only reported again
         out.write_text(json.dumps(record, indent=1))
     write(record, out.with_suffix(""))
 

@@ -70,11 +70,16 @@ def source_weights(model: str, workdir: Path, *, steps: int, train_per_face: int
     return export(run, out)
 
 
+def target_dir(table: str, budget: int | None, seed: int, workdir: Path) -> Path:
+    """Where `target_data` keeps the target's folder for one label budget and seed."""
+    return workdir / "data" / f"{table}_b{budget or 'all'}_s{seed}"
+
+
 def target_data(table: str, budget: int | None, seed: int, workdir: Path) -> Path:
     """The target's folder for one label budget and seed, written once under workdir/data."""
     from experiments.transfer import targets
 
-    data = workdir / "data" / f"{table}_b{budget or 'all'}_s{seed}"
+    data = target_dir(table, budget, seed, workdir)
     if not data.exists():
         targets.write_target(table, data.with_suffix(".tmp"), budget, seed)
         data.with_suffix(".tmp").rename(data)

@@ -13,8 +13,8 @@ Kolesnikov et al., ECCV 2020), chosen on the transfer benchmark (experiments/tra
 - BatchNorm on batch statistics with torch's momentum, no mixup (both hurt short runs);
 - length: at least 80 steps and at least 2 epochs, unless --steps or --epochs is given;
 - augmentation, unless --augment is given: `shift` (RandomCrop with padding, no flip) when
-  the run shows each training image at least 25 times, else `none`. Few images seen many
-  times are where shifted views helped (1-2 labels per class on digits, +6 to +8 points);
+  the run lasts at least 25 epochs (of whole batches), else `none`. Few images seen many
+  times are where shifted views helped (1-2 labels per class on digits, +5 to +9 points);
   at 13 epochs they cost 5 points on LFW's faces.
   No flip: a rule from the data set's size cannot know whether a flip changes the class
   (digits, characters, text), so `--augment light`/`imagenet` stay the user's choice.
@@ -36,7 +36,7 @@ from jaxsft.data import steps_per_epoch as steps_per_epoch_of
 
 PRESETS = ("auto", "seed")
 MIN_STEPS, MIN_EPOCHS, WARMUP_SHARE = 80, 2, 0.1
-SHIFT_FROM_EPOCHS = 25  # auto augments (`shift`) runs that show each image this often
+SHIFT_FROM_EPOCHS = 25  # auto augments (`shift`) runs at least this many epochs long
 
 SEED: dict[str, Any] = dict(
     recipe="full", optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0,
@@ -93,8 +93,8 @@ def _sized(cfg: Config, info: DatasetInfo, keep: set[str]) -> dict[str, Any]:
 
 
 def auto_augment(steps: int, steps_per_epoch: int) -> str:
-    """auto's augmentation for a `steps`-step run: shifted views once it repeats each image
-    SHIFT_FROM_EPOCHS times, none before."""
+    """auto's augmentation for a `steps`-step run: shifted views from SHIFT_FROM_EPOCHS
+    epochs on, none before."""
     return "shift" if steps >= SHIFT_FROM_EPOCHS * steps_per_epoch else "none"
 
 

@@ -1,7 +1,7 @@
 """Does `python -m jaxsft.select` rank pretrained candidates the way fine-tuning does?
 
-    python -m experiments.selection.run [--table digits|lfw] [--quick]
-    python -m experiments.selection.run [--table digits|lfw] [--quick] --add-scores NAME...
+    python -m experiments.selection.run [--table digits|lfw|surfaces] [--quick]
+    python -m experiments.selection.run [--table digits|lfw|surfaces] [--quick] --add-scores NAME...
 
 pretrains and exports the zoo (zoo.py), scores every candidate with jaxsft.select on each
 target's training images, fine-tunes every candidate on each target through `fit` (3 seeds),
@@ -31,13 +31,15 @@ RESULTS = Path(__file__).parent / "results"
 # benchmark's arm "auto-s10"; auto has fitted the scale since its protocol 4).
 # LFW (protocol 3) is fine-tuned with auto as it was at protocol 4 ("auto-noaug": the scale
 # fitted, the benchmark's augment none; auto has chosen its augmentation since protocol 5).
+# Surfaces (protocol 5) is fine-tuned with auto as it is now ("auto").
 FINETUNE = {table: {"pretrained": ARMS[arm], "random": ARMS["scratch"], "length": "auto"}
-            for table, arm in (("digits", "auto-s10"), ("lfw", "auto-noaug"))}
-BUDGETS = (10, None)  # labels per class; None: all (digits: 1,297 images; LFW: 100)
+            for table, arm in (("digits", "auto-s10"), ("lfw", "auto-noaug"),
+                               ("surfaces", "auto"))}
+BUDGETS = (10, None)  # labels per class; None: all (digits 1,297 images, LFW 100, surfaces 300)
 SEEDS = (0, 1, 2)
 SCORE_SEED = 0  # the scores see one training set, as a user holds one: seed 0's subset
 RANK_BY = "logme"  # the recommended score: jaxsft.select's default --rank-by
-QUICK = dict(budgets={"digits": (2, 10), "lfw": (5, 10)},  # small targets: seconds to score
+QUICK = dict(budgets={"digits": (2, 10), "lfw": (5, 10), "surfaces": (2, 5)},  # small targets: seconds to score
              seeds=(0,), steps=4)  # (LFW: batch 8 needs 8 training images)
 
 
@@ -200,7 +202,8 @@ def _identity(zoo: list[dict]) -> list[tuple]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--table", choices=sorted(FINETUNE), default="digits",
-                   help="the target: digits, or LFW's faces vs non-faces (protocol 3)")
+                   help="the target: digits, LFW's faces vs non-faces (protocol 3) or "
+                   "scikit-image's texture photographs (protocol 5)")
     p.add_argument("--quick", action="store_true",
                    help="the pipeline in minutes: 3 candidates, 6 pretraining steps, 1 seed, "
                    "2 and 10 labels per class")

@@ -5,6 +5,10 @@
   the rest (about 130 per class) the pool the labelled subsets are drawn from.
 - lfw: scikit-image's LFW subset (`skimage.data.lfw_subset()`: 100 faces, 100 non-faces,
   25x25), 2 classes; 50 per class test, the other 50 per class the pool.
+- surfaces: six photographs that ship with scikit-image (brick, grass, gravel, the moon's
+  surface, stained tissue, the Hubble deep field), each cut into 100 non-overlapping 50x50
+  tiles, 6 classes; every tile's contrast normalised, so that a tile's class is in its
+  texture, not in its brightness; 50 per class test, the other 50 per class the pool.
 
 `write_target(name, root, labels_per_class, seed)` writes root/{train,test}/<class>/*.png:
 the first `labels_per_class` images of each class in a permutation of the pool seeded by
@@ -39,7 +43,41 @@ def load_lfw_target() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images, np.repeat([0, 1], 100), ["face", "non_face"]
 
 
-LOADERS = {"digits": load_digits_target, "lfw": load_lfw_target}
+SURFACES = {"brick": "brick.png", "grass": "grass.png", "gravel": "gravel.png",
+            "moon": "moon.png", "tissue": "ihc.png", "deep_field": "hubble_deep_field.jpg"}
+TILE = 50  # pixels of the photograph per tile: 10 x 10 tiles from its central 500 x 500
+
+
+def normalise_contrast(tile: np.ndarray) -> np.ndarray:
+    """uint8 tile at mean 128 and standard deviation 48 (clipped): brightness and contrast
+    no longer tell the photographs apart."""
+    t = tile.astype(np.float64)
+    t = (t - t.mean()) / max(t.std(), 1.0) * 48 + 128
+    return np.clip(t, 0, 255).round().astype(np.uint8)
+
+
+def load_surfaces_target() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(uint8 tiles (600, 50, 50), labels, class names): 100 tiles of each photograph."""
+    from skimage import data, io  # scikit-image, the dev extra
+    from skimage.color import rgb2gray
+
+    folder = Path(data.__file__).parent  # the photographs in the wheel: no download
+    tiles, labels = [], []
+    for k, file in enumerate(SURFACES.values()):
+        photo = io.imread(folder / file)
+        if photo.ndim == 3:
+            photo = (rgb2gray(photo) * 255).round().astype(np.uint8)
+        top, left = ((s - 10 * TILE) // 2 for s in photo.shape)
+        for r in range(10):
+            for c in range(10):
+                y, x = top + r * TILE, left + c * TILE
+                tiles.append(normalise_contrast(photo[y:y + TILE, x:x + TILE]))
+                labels.append(k)
+    return np.stack(tiles), np.array(labels), list(SURFACES)
+
+
+LOADERS = {"digits": load_digits_target, "lfw": load_lfw_target,
+           "surfaces": load_surfaces_target}
 
 
 def split_pool(labels: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:

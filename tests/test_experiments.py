@@ -58,6 +58,22 @@ def test_lfw_target_is_faces_against_non_faces_with_50_of_each_held_out(tmp_path
     assert len(list((root / "test").rglob("*.png"))) == 2 * targets.TEST_PER_CLASS
 
 
+def test_surfaces_target_is_six_photographs_cut_into_disjoint_contrast_normalised_tiles(
+        tmp_path):
+    images, labels, names = targets.load_surfaces_target()  # scikit-image's wheel, offline
+    assert images.shape == (600, targets.TILE, targets.TILE) and images.dtype == np.uint8
+    assert names == list(targets.SURFACES) and np.bincount(labels).tolist() == [100] * 6
+    # brightness says nothing (clipping at 0 and 255 moves a mean by a few levels)
+    assert np.allclose(images.reshape(600, -1).mean(1), 128, atol=5)
+    assert len({t.tobytes() for t in images}) == 600  # no tile twice
+    flat = np.full((8, 8), 7, np.uint8)
+    assert (targets.normalise_contrast(flat) == 128).all()  # a flat tile: no noise invented
+    root = targets.write_target("surfaces", tmp_path / "s", 2, seed=0)
+    assert sorted(p.name for p in (root / "train").iterdir()) == sorted(names)
+    assert len(list((root / "train").rglob("*.png"))) == 12
+    assert len(list((root / "test").rglob("*.png"))) == 6 * targets.TEST_PER_CLASS
+
+
 @pytest.mark.slow
 def test_quick_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
     helpers.run_quick_experiment("experiments.transfer.run", tmp_path)

@@ -201,3 +201,29 @@ def test_add_scores_merges_only_the_new_scores_into_a_kept_record(tmp_path, caps
         run.main([*argv, "--add-scores", "nleep"])
     assert path.read_text() == written
     capsys.readouterr()
+
+
+def test_report_across_tables_lists_every_cell_and_never_writes_over_a_record(tmp_path):
+    results, _, _ = _kept_record(tmp_path)
+    first = results / "digits_quick.json"
+    record = json.loads(first.read_text())
+    second = results / "other.json"
+    second.write_text(json.dumps({**record, "table": "other"}))
+    out = tmp_path / "across.md"
+    report.main([str(first), str(second), "--out", str(out)])
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert list(summary["cells"]) == ["digits 2", "digits 10", "other 2", "other 10"]
+    for name, cell in summary["cells"].items():
+        target = record["summary"]["targets"][name.split()[1]]
+        assert cell["tau_w"] == {s: v["tau_w"] for s, v in target["scores"].items()}
+        for score, met in summary["goal_met_in"].items():
+            tau, base = cell["tau_w"].get(score), cell["tau_w"][report.BASELINE]
+            assert (name in met) == (score != report.BASELINE and tau is not None
+                                     and tau >= report.TAU_GOAL and tau > base)
+    assert "| logme |" in out.read_text() and "seeds' agreement" in out.read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
+    for argv in ([str(first), str(second)],  # no --out
+                 [str(first), str(second), "--out", str(second.with_suffix(".md"))]):
+        with pytest.raises(SystemExit):
+            report.main(argv)
+    assert json.loads(second.read_text())["table"] == "other"

@@ -211,18 +211,101 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def across(records: list[dict]) -> dict:
+    """Every score's τ_w in every (target, budget) cell of several tables, with the seeds'
+    agreement of each cell (its mean over seeds) and the cells where a score meets the goal's
+    τ_w part (>= TAU_GOAL and above the baseline)."""
+    cells = {}
+    for record in records:
+        for budget, t in summarise(record)["targets"].items():
+            agree = [a for a in t["seed_agreement"] if a is not None]
+            cells[f"{record['table']} {budget}"] = {
+                "tau_w": {s: v["tau_w"] for s, v in t["scores"].items()},
+                "seed_agreement": float(np.mean(agree)) if agree else None}
+    scores = list(dict.fromkeys(s for c in cells.values() for s in c["tau_w"]))
+    met = {s: [name for name, c in cells.items()
+               if s != BASELINE and c["tau_w"].get(s) is not None and c["tau_w"][s] >= TAU_GOAL
+               and (c["tau_w"][BASELINE] is None or c["tau_w"][s] > c["tau_w"][BASELINE])]
+           for s in scores}
+    return {"cells": cells, "scores": scores, "goal_met_in": met}
+
+
+def across_markdown(summary: dict) -> str:
+    cells = summary["cells"]
+    lines = ["| score | " + " | ".join(cells) + " | mean | cells meeting the goal's τ_w |",
+             "| --- |" + " ---: |" * (len(cells) + 2)]
+    for score in summary["scores"]:
+        taus = [c["tau_w"].get(score) for c in cells.values()]
+        known = [t for t in taus if t is not None]
+        mean = _num(float(np.mean(known))) if len(known) == len(taus) else "n/a"
+        met = "-" if score == BASELINE else str(len(summary["goal_met_in"][score]))
+        name = f"{score} (baseline)" if score == BASELINE else score
+        lines.append(f"| {name} | " + " | ".join(_num(t) for t in taus) + f" | {mean} | {met} |")
+    lines.append("| seeds' agreement | " + " | ".join(
+        _num(c["seed_agreement"]) for c in cells.values()) + " | | |")
+    return "\n".join(lines) + "\n"
+
+
+def across_plot(summary: dict, path) -> None:
+    """τ_w of every score in every cell, the seeds' agreement of each cell as a bar behind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(summary["cells"])
+    x = np.arange(len(cells))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    agree = [summary["cells"][c]["seed_agreement"] for c in cells]
+    ax.bar(x, [np.nan if a is None else a for a in agree], color="0.88",
+           label="seeds' agreement")
+    for i, score in enumerate(summary["scores"]):
+        taus = [summary["cells"][c]["tau_w"].get(score) for c in cells]
+        ax.plot(x + (i - len(summary["scores"]) / 2) * 0.05,
+                [np.nan if t is None else t for t in taus], marker="o", linestyle="",
+                label="source top-1 (baseline)" if score == BASELINE else score,
+                color="black" if score == BASELINE else None)
+    ax.axhline(TAU_GOAL, color="red", linewidth=1, linestyle="--", label=f"goal {TAU_GOAL}")
+    ax.set_xticks(x, [c.replace(" ", "\n") + "\nlabels per class" for c in cells], fontsize=8)
+    ax.set_ylabel("weighted Kendall τ against fine-tuning")
+    values = [t for c in summary["cells"].values() for t in c["tau_w"].values() if t is not None]
+    ax.set_ylim(min([0.0, *values]) - 0.1, 1.05)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, ncol=3, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
-    """python -m experiments.selection.report RESULTS.json: the summary and .md again."""
+    """python -m experiments.selection.report RESULTS.json: the summary and .md again.
+    python -m experiments.selection.report A.json B.json ... --out F.md: every score's τ_w
+    across the tables' targets, written to F.md with F.json and the plot F.png."""
+    import argparse
     import json
-    import sys
     from pathlib import Path
 
-    path = Path((argv or sys.argv[1:])[0])
-    record = json.loads(path.read_text())
-    record["summary"] = summarise(record)
-    path.write_text(json.dumps(record, indent=1))
-    path.with_suffix(".md").write_text(markdown(record))
-    print(markdown(record))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("records", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, help="with several records: the table's .md path")
+    args = p.parse_args(argv)
+    if len(args.records) == 1 and args.out is None:
+        path = args.records[0]
+        record = json.loads(path.read_text())
+        record["summary"] = summarise(record)
+        path.write_text(json.dumps(record, indent=1))
+        path.with_suffix(".md").write_text(markdown(record))
+        print(markdown(record))
+        return
+    if args.out is None or args.out.suffix != ".md" or args.out.with_suffix(".json") in {
+            r.with_suffix(".json") for r in args.records}:
+        p.error("several records need --out F.md, a new name (F.json is written beside it)")
+    summary = across([json.loads(r.read_text()) for r in args.records])
+    text = across_markdown(summary)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    across_plot(summary, args.out.with_suffix(".png"))
+    print(text)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ BUDGETS = (10, None)  # labels per class; None: all (digits 1,297 images, LFW 10
 SEEDS = (0, 1, 2)
 SCORE_SEED = 0  # the scores see one training set, as a user holds one: seed 0's subset
 RANK_BY = "logme"  # the recommended score: jaxsft.select's default --rank-by
-QUICK = dict(budgets={"digits": (2, 10), "lfw": (5, 10), "surfaces": (2, 5)},  # small targets: seconds to score
-             seeds=(0,), steps=4)  # (LFW: batch 8 needs 8 training images)
+# small targets, seconds to score (LFW: batch 8 needs 8 training images)
+QUICK = dict(budgets={"digits": (2, 10), "lfw": (5, 10), "surfaces": (2, 5)},
+             seeds=(0,), steps=4)
 
 
 def _label(budget: int | None) -> str:

@@ -216,6 +216,7 @@ def test_report_across_tables_lists_every_cell_and_never_writes_over_a_record(tm
     for name, cell in summary["cells"].items():
         target = record["summary"]["targets"][name.split()[1]]
         assert cell["tau_w"] == {s: v["tau_w"] for s, v in target["scores"].items()}
+        assert cell["regret"] == {s: v["regret"] for s, v in target["scores"].items()}
         for score, met in summary["goal_met_in"].items():
             tau, base = cell["tau_w"].get(score), cell["tau_w"][report.BASELINE]
             assert (name in met) == (score != report.BASELINE and tau is not None

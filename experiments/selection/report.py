@@ -213,7 +213,8 @@ def markdown(record: dict) -> str:
 
 def across(records: list[dict]) -> dict:
     """Every score's τ_w in every (target, budget) cell of several tables, with the seeds'
-    agreement of each cell (its mean over seeds) and the cells where a score meets the goal's
+    agreement of each cell (its mean over seeds), what each score's pick loses there (points
+    of fine-tuned top-1 below the best candidate) and the cells where a score meets the goal's
     τ_w part (>= TAU_GOAL and above the baseline)."""
     cells = {}
     for record in records:
@@ -221,6 +222,7 @@ def across(records: list[dict]) -> dict:
             agree = [a for a in t["seed_agreement"] if a is not None]
             cells[f"{record['table']} {budget}"] = {
                 "tau_w": {s: v["tau_w"] for s, v in t["scores"].items()},
+                "regret": {s: v["regret"] for s, v in t["scores"].items()},
                 "seed_agreement": float(np.mean(agree)) if agree else None}
     scores = list(dict.fromkeys(s for c in cells.values() for s in c["tau_w"]))
     met = {s: [name for name, c in cells.items()
@@ -232,17 +234,21 @@ def across(records: list[dict]) -> dict:
 
 def across_markdown(summary: dict) -> str:
     cells = summary["cells"]
-    lines = ["| score | " + " | ".join(cells) + " | mean | cells meeting the goal's τ_w |",
-             "| --- |" + " ---: |" * (len(cells) + 2)]
+    lines = ["| score | " + " | ".join(cells) + " | mean τ_w | cells meeting the goal's τ_w "
+             "| mean regret of the pick |", "| --- |" + " ---: |" * (len(cells) + 3)]
     for score in summary["scores"]:
         taus = [c["tau_w"].get(score) for c in cells.values()]
-        known = [t for t in taus if t is not None]
-        mean = _num(float(np.mean(known))) if len(known) == len(taus) else "n/a"
+        regrets = [c["regret"].get(score) for c in cells.values()]
+
+        def mean(xs, fmt="{:.3f}"):
+            return _num(float(np.mean(xs)), fmt) if None not in xs else "n/a"
+
         met = "-" if score == BASELINE else str(len(summary["goal_met_in"][score]))
         name = f"{score} (baseline)" if score == BASELINE else score
-        lines.append(f"| {name} | " + " | ".join(_num(t) for t in taus) + f" | {mean} | {met} |")
+        lines.append(f"| {name} | " + " | ".join(_num(t) for t in taus)
+                     + f" | {mean(taus)} | {met} | {mean(regrets, '{:.1f}')} |")
     lines.append("| seeds' agreement | " + " | ".join(
-        _num(c["seed_agreement"]) for c in cells.values()) + " | | |")
+        _num(c["seed_agreement"]) for c in cells.values()) + " | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -201,3 +201,28 @@ def test_the_published_accuracies_are_torchvisions():
             for w in getattr(models, name):
                 file = w.url.rsplit("/", 1)[-1]
                 assert select.TORCHVISION_ACC1[file] == w.meta["_metrics"]["ImageNet-1K"]["acc@1"]
+
+
+def test_a_random_candidate_is_the_same_network_for_any_number_of_classes():
+    """arch=random is initialised with one head size for every data set (so its compiled
+    initialisation is shared); its backbone is the one a model with the data set's own head
+    gets from the same seed, because Flax keys each parameter by its path."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsft.models import create_model
+
+    model, variables, has_head = select._load(select.Candidate("resnet18", "random"), 7, 16, 3)
+    assert not has_head
+    x = jnp.zeros((1, 16, 16, 3))
+    # jitted as select initialises it (eager init rounds differently, ~1e-8)
+    own = jax.jit(lambda r: create_model("resnet18", 7).init(r, x, train=False))(
+        jax.random.key(3))
+    backbone = {k: v for k, v in variables["params"].items() if k != "fc"}
+    assert jax.tree.all(jax.tree.map(np.array_equal, backbone, {
+        k: v for k, v in own["params"].items() if k != "fc"}))
+    assert jax.tree.all(jax.tree.map(np.array_equal, variables["batch_stats"],
+                                     own["batch_stats"]))
+    other = create_model("resnet18", 2).init(jax.random.key(4), x, train=False)  # another seed
+    assert not np.array_equal(other["params"]["conv1"]["kernel"],
+                              variables["params"]["conv1"]["kernel"])

@@ -207,7 +207,7 @@ def main(argv=None) -> None:
                    "scikit-image's texture photographs (protocol 5)")
     p.add_argument("--quick", action="store_true",
                    help="the pipeline in minutes: 3 candidates, 6 pretraining steps, 1 seed, "
-                   "2 and 10 labels per class")
+                   "two small label budgets")
     p.add_argument("--workdir", default="runs/selection")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--fresh", action="store_true", help="ignore scores and runs in the JSON")

@@ -4,6 +4,10 @@ next to fine-tuning every candidate."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 
 BASELINE = "source_top1"  # rank by the held-out source top-1 that pretraining recorded
@@ -90,6 +94,15 @@ def summarise_target(record: dict, budget: str) -> dict:
     return out
 
 
+def _tau_ok(tau: float | None) -> bool:
+    return tau is not None and tau >= TAU_GOAL
+
+
+def _beats(tau: float | None, baseline: float | None) -> bool:
+    """Above the baseline's τ_w (a baseline without one is beaten by any value)."""
+    return tau is not None and (baseline is None or tau > baseline)
+
+
 def summarise(record: dict) -> dict:
     """Every target's summary and the goal's verdict for the recommended score."""
     targets = {b: summarise_target(record, b) for b in record["budgets"]
@@ -99,9 +112,7 @@ def summarise(record: dict) -> dict:
         s, base = t["scores"].get(record["rank_by"], {}), t["scores"][BASELINE]
         tau, share = s.get("tau_w"), s.get("cost_share")
         goal[budget] = {"tau_w": tau, "baseline_tau_w": base["tau_w"],
-                        "tau_ok": tau is not None and tau >= TAU_GOAL,
-                        "beats_baseline": tau is not None and (base["tau_w"] is None
-                                                               or tau > base["tau_w"]),
+                        "tau_ok": _tau_ok(tau), "beats_baseline": _beats(tau, base["tau_w"]),
                         "cost_ok": share is not None and share < COST_GOAL}
     met = bool(goal) and all(g["tau_ok"] and g["beats_baseline"] and g["cost_ok"]
                              for g in goal.values())
@@ -225,11 +236,15 @@ def across(records: list[dict]) -> dict:
                 "regret": {s: v["regret"] for s, v in t["scores"].items()},
                 "seed_agreement": float(np.mean(agree)) if agree else None}
     scores = list(dict.fromkeys(s for c in cells.values() for s in c["tau_w"]))
-    met = {s: [name for name, c in cells.items()
-               if s != BASELINE and c["tau_w"].get(s) is not None and c["tau_w"][s] >= TAU_GOAL
-               and (c["tau_w"][BASELINE] is None or c["tau_w"][s] > c["tau_w"][BASELINE])]
+    met = {s: [name for name, c in cells.items() if s != BASELINE and _tau_ok(c["tau_w"].get(s))
+               and _beats(c["tau_w"].get(s), c["tau_w"][BASELINE])]
            for s in scores}
     return {"cells": cells, "scores": scores, "goal_met_in": met}
+
+
+def _mean(values: list[float | None], fmt: str = "{:.3f}") -> str:
+    """The mean, or n/a if any value is missing (a mean over fewer cells compares nothing)."""
+    return "n/a" if None in values else _num(float(np.mean(values)), fmt)
 
 
 def across_markdown(summary: dict) -> str:
@@ -239,14 +254,10 @@ def across_markdown(summary: dict) -> str:
     for score in summary["scores"]:
         taus = [c["tau_w"].get(score) for c in cells.values()]
         regrets = [c["regret"].get(score) for c in cells.values()]
-
-        def mean(xs, fmt="{:.3f}"):
-            return _num(float(np.mean(xs)), fmt) if None not in xs else "n/a"
-
         met = "-" if score == BASELINE else str(len(summary["goal_met_in"][score]))
         name = f"{score} (baseline)" if score == BASELINE else score
         lines.append(f"| {name} | " + " | ".join(_num(t) for t in taus)
-                     + f" | {mean(taus)} | {met} | {mean(regrets, '{:.1f}')} |")
+                     + f" | {_mean(taus)} | {met} | {_mean(regrets, '{:.1f}')} |")
     lines.append("| seeds' agreement | " + " | ".join(
         _num(c["seed_agreement"]) for c in cells.values()) + " | | | |")
     return "\n".join(lines) + "\n"
@@ -283,13 +294,29 @@ def across_plot(summary: dict, path) -> None:
     plt.close(fig)
 
 
+def save(record: dict, path: Path) -> None:
+    """The record's JSON at `path`, whole or not at all (written beside it, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def write(record: dict, path: Path) -> str:
+    """The record summarised again, saved at `path` with its report beside it (.md);
+    returns the report."""
+    record["summary"] = summarise(record)
+    save(record, path)
+    text = markdown(record)
+    path.with_suffix(".md").write_text(text)
+    return text
+
+
 def main(argv=None) -> None:
     """python -m experiments.selection.report RESULTS.json: the summary and .md again.
     python -m experiments.selection.report A.json B.json ... --out F.md: every score's τ_w
     across the tables' targets, written to F.md with F.json and the plot F.png."""
     import argparse
-    import json
-    from pathlib import Path
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("records", nargs="+", type=Path)
@@ -297,19 +324,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if len(args.records) == 1 and args.out is None:
         path = args.records[0]
-        record = json.loads(path.read_text())
-        record["summary"] = summarise(record)
-        path.write_text(json.dumps(record, indent=1))
-        path.with_suffix(".md").write_text(markdown(record))
-        print(markdown(record))
+        print(write(json.loads(path.read_text()), path))
         return
-    if args.out is None or args.out.suffix != ".md" or args.out.with_suffix(".json") in {
-            r.with_suffix(".json") for r in args.records}:
+    if args.out is None or args.out.suffix != ".md" or args.out.with_suffix(
+            ".json").resolve() in {r.with_suffix(".json").resolve() for r in args.records}:
         p.error("several records need --out F.md, a new name (F.json is written beside it)")
     summary = across([json.loads(r.read_text()) for r in args.records])
     text = across_markdown(summary)
     args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    save(summary, args.out.with_suffix(".json"))
     across_plot(summary, args.out.with_suffix(".png"))
     print(text)
 

@@ -19,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+from experiments.selection import report
 from experiments.transfer.arms import ARMS
 from jaxsft.select import SCORES
 
@@ -89,13 +90,6 @@ def finetune_candidate(table: str, candidate: dict, budget: int | None, seed: in
     return {"candidate": candidate["name"], "budget": _label(budget), **row}
 
 
-def _save(record: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out)
-
-
 def _load(out: Path, fresh: bool, finetune: dict) -> dict:
     """The record so far; runs of another FINETUNE recipe are dropped (a stale truth)."""
     record = {} if fresh or not out.exists() else json.loads(out.read_text())
@@ -116,7 +110,7 @@ def run_scores(record: dict, zoo: list[dict], budgets, workdir: Path, out: Path)
             continue
         data = target_data(record["table"], budget, SCORE_SEED, workdir)
         record["scores"][_label(budget)] = score_target(zoo, data, workdir)
-        _save(record, out)
+        report.save(record, out)
 
 
 def run_truth(record: dict, zoo: list[dict], budgets, seeds, workdir: Path, out: Path,
@@ -136,7 +130,7 @@ def run_truth(record: dict, zoo: list[dict], budgets, seeds, workdir: Path, out:
                 release_compiled()
                 print(f"RUN {json.dumps(row)}", flush=True)
                 record["runs"].append(row)
-                _save(record, out)
+                report.save(record, out)
 
 
 def add_scores(out: Path, names: list[str], workdir: Path) -> dict:
@@ -148,7 +142,6 @@ def add_scores(out: Path, names: list[str], workdir: Path) -> dict:
     stops it before anything is written."""
     import numpy as np
 
-    from experiments.selection import report
     from experiments.transfer.run import target_dir
     from jaxsft import select
     from jaxsft import transferability as T
@@ -188,9 +181,7 @@ def add_scores(out: Path, names: list[str], workdir: Path) -> dict:
         print(f"{row['name']}: " + ", ".join(f"{n} {row['scores'][n]}" for n in missing),
               flush=True)
     record["wall_s"] = round(record.get("wall_s", 0.0) + time.perf_counter() - started, 1)
-    record["summary"] = report.summarise(record)
-    _save(record, out)
-    out.with_suffix(".md").write_text(report.markdown(record))
+    report.write(record, out)
     return record
 
 
@@ -246,15 +237,12 @@ def main(argv=None) -> None:
                   budgets=[_label(b) for b in budgets], seeds=list(seeds),
                   score_seed=SCORE_SEED, compilation_cache=str(cache), onednn="off",
                   zoo=candidates)
-    _save(record, out)
+    report.save(record, out)
     run_scores(record, candidates, budgets, workdir, out)
     if not args.skip_truth:
         run_truth(record, candidates, budgets, seeds, workdir, out, steps)
     record["wall_s"] = round(record.get("wall_s", 0.0) + time.perf_counter() - started, 1)
-    record["summary"] = report.summarise(record)
-    _save(record, out)
-    out.with_suffix(".md").write_text(report.markdown(record))
-    print(report.markdown(record))
+    print(report.write(record, out))
     print(f"wrote {out}, {out.with_suffix('.md')}")
 
 

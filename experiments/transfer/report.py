@@ -194,7 +194,8 @@ def main(argv=None) -> None:
     p.add_argument("--arms", help="keep only these arms, e.g. auto,seed")
     p.add_argument("--budgets", help="keep only these labels per class, e.g. 5,10,all")
     args = p.parse_args(argv)
-    if (args.arms or args.budgets) and (not args.out or args.out in args.paths):
+    if (args.arms or args.budgets) and (
+            not args.out or args.out.resolve() in {path.resolve() for path in args.paths}):
         p.error("--arms/--budgets drop runs: give an --out that is not an input JSON")
     record = merged(args.paths)
     if args.arms:

@@ -285,8 +285,7 @@ def add_scores(row: dict[str, Any], got: Features, candidate: Candidate,
         try:
             row["scores"][name] = score(name, got, candidate, seed)
         except ValueError as e:
-            row["scores"][name] = None
-            row.setdefault("errors", {})[name] = str(e)
+            row["scores"][name], row["errors"][name] = None, str(e)
         row["seconds"][name] = round(time.perf_counter() - started, 3)
     return row
 

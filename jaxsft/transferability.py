@@ -238,10 +238,11 @@ def _class_means(f: np.ndarray, y: np.ndarray) -> np.ndarray:
     return means / counts[:, None]
 
 
-def _fisher_posterior(f: np.ndarray, y: np.ndarray, priors: np.ndarray,
+def _fisher_posterior(f: np.ndarray, y: np.ndarray, means: np.ndarray, priors: np.ndarray,
                       shrinkage: float | None) -> tuple[np.ndarray, float]:
     """(P(class | x) [N, C] of every example, the shrinkage used): the reference's
-    `SFDA.fit(f, y).predict_proba(f)`; `shrinkage` None picks it from the scatter.
+    `SFDA.fit(f, y).predict_proba(f)`, `means` = `_class_means(f, y)`; `shrinkage` None picks
+    it from the scatter.
 
     S_w = sum_c prior_c Cov_c (biased covariances) is shrunk towards its mean eigenvalue,
     S = (1 - s) S_w + s tr(S_w) / D I, with s = max(exp(-5 lambda_max(S_w)), 1e-10) (the
@@ -254,7 +255,6 @@ def _fisher_posterior(f: np.ndarray, y: np.ndarray, priors: np.ndarray,
     from scipy.linalg import cho_factor, cho_solve
 
     n, d = f.shape
-    means = _class_means(f, y)
     centred = f - means[y]
     within = centred.T @ centred / n  # sum_c (n_c / N) Cov_c, biased
     mean_eigenvalue = np.trace(within) / d
@@ -296,13 +296,13 @@ def sfda(features: np.ndarray, labels: np.ndarray) -> float:
     if len(classes) < 2:
         raise ValueError(f"SFDA needs at least 2 classes, got {len(classes)}")
     priors = np.bincount(y) / len(y)
-    probs, shrinkage = _fisher_posterior(f, y, priors, None)
-    confidence = softmax(probs)[np.arange(len(y)), y][:, None]
     means = _class_means(f, y)
+    probs, shrinkage = _fisher_posterior(f, y, means, priors, None)
+    confidence = softmax(probs)[np.arange(len(y)), y][:, None]
     others = (means.sum(axis=0) - means) / (len(classes) - 1)
     # the reference overwrites its input here; a copy keeps the caller's features intact
     mixed = confidence * f + (1.0 - confidence) * others[y]
-    probs, _ = _fisher_posterior(mixed, y, priors, shrinkage)
+    probs, _ = _fisher_posterior(mixed, y, _class_means(mixed, y), priors, shrinkage)
     return float(np.mean(probs[np.arange(len(y)), y]))
 
 

@@ -45,7 +45,7 @@ def load_lfw_target() -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 SURFACES = {"brick": "brick.png", "grass": "grass.png", "gravel": "gravel.png",
             "moon": "moon.png", "tissue": "ihc.png", "deep_field": "hubble_deep_field.jpg"}
-TILE = 50  # pixels of the photograph per tile: 10 x 10 tiles from its central 500 x 500
+TILE, GRID = 50, 10  # 50x50-pixel tiles, GRID x GRID of them from each photograph's centre
 
 
 def normalise_contrast(tile: np.ndarray) -> np.ndarray:
@@ -67,9 +67,9 @@ def load_surfaces_target() -> tuple[np.ndarray, np.ndarray, list[str]]:
         photo = io.imread(folder / file)
         if photo.ndim == 3:
             photo = (rgb2gray(photo) * 255).round().astype(np.uint8)
-        top, left = ((s - 10 * TILE) // 2 for s in photo.shape)
-        for r in range(10):
-            for c in range(10):
+        top, left = ((s - GRID * TILE) // 2 for s in photo.shape)
+        for r in range(GRID):
+            for c in range(GRID):
                 y, x = top + r * TILE, left + c * TILE
                 tiles.append(normalise_contrast(photo[y:y + TILE, x:x + TILE]))
                 labels.append(k)

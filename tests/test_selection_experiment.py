@@ -228,3 +228,26 @@ def test_report_across_tables_lists_every_cell_and_never_writes_over_a_record(tm
         with pytest.raises(SystemExit):
             report.main(argv)
     assert json.loads(second.read_text())["table"] == "other"
+
+
+def test_calibrate_runs_only_protocol_5s_calibration_cell(tmp_path, monkeypatch, capsys):
+    """--calibrate: the random candidate from scratch at 10 labels per class with seed 99,
+    printed; no zoo built, nothing scored, no record written."""
+    from experiments.selection import run, zoo
+    from jaxsft import process
+
+    monkeypatch.setenv("JAXSFT_ONEDNN", "on")  # main sets it; restored after the test
+    monkeypatch.setattr(process, "setup", lambda: None)
+    monkeypatch.setattr(zoo, "candidates", lambda *a, **k: pytest.fail("zoo built"))
+    calls = []
+
+    def cell(table, candidate, budget, seed, workdir, steps):
+        calls.append((table, candidate["weights"], budget, seed, steps))
+        return {"candidate": candidate["name"], "top1": 0.5}
+
+    monkeypatch.setattr(run, "finetune_candidate", cell)
+    run.main(["--table", "surfaces", "--calibrate", "--workdir", str(tmp_path / "w"),
+              "--results", str(tmp_path / "res")])
+    assert calls == [("surfaces", "random", 10, 99, None)]
+    assert 'CALIBRATION {"candidate": "resnet18-random", "top1": 0.5}' in capsys.readouterr().out
+    assert not (tmp_path / "res").exists()

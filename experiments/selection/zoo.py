@@ -94,13 +94,16 @@ def build(run: Pretraining, workdir: Path, train_per_face: int) -> dict:
     return json.loads(record_path.read_text())  # int step keys become strings either way
 
 
+RANDOM_CANDIDATE = {"name": "resnet18-random", "arch": "resnet18", "weights": RANDOM,
+                    "source": None, "steps": 0, "source_top1": None, "pretrain_s": 0.0}
+
+
 def candidates(workdir: Path, *, quick: bool = False) -> list[dict]:
     """The zoo, pretrained and exported where needed: name, arch, weights (a file or
     "random"), source, steps, the held-out source top-1 (None for random) and the seconds
     of the pretraining run it came from."""
     runs, per_face = (QUICK_RUNS, QUICK_TRAIN_PER_FACE) if quick else (RUNS, TRAIN_PER_FACE)
-    zoo = [{"name": "resnet18-random", "arch": "resnet18", "weights": RANDOM, "source": None,
-            "steps": 0, "source_top1": None, "pretrain_s": 0.0}]
+    zoo = [dict(RANDOM_CANDIDATE)]
     for run in runs:
         record = build(run, workdir, per_face)
         for step in run.exports:
